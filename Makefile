@@ -1,0 +1,35 @@
+# Entry points. Every target sets up what it needs first (uv, the locked virtualenv), so each works on a fresh
+# clone with only python3 (3.11) and make installed.
+UV := $(shell command -v uv 2>/dev/null)
+ifeq ($(UV),)
+UV := python3 -m uv
+endif
+RUN := $(UV) run --frozen --no-sync
+
+.PHONY: setup demo test dev bench clean-data
+
+.venv/.synced: pyproject.toml uv.lock
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --frozen --compile-bytecode
+	@touch $@
+
+setup: .venv/.synced
+
+## The demo: sandbox API -> 20 watched items -> Dagster refresh -> DuckDB -> KPI table.
+demo: setup
+	$(RUN) tmapi-assets demo
+
+## Every test (unit, sandbox over real HTTP, Dagster end to end).
+test: setup
+	$(RUN) pytest
+
+## Dagster UI (http://127.0.0.1:3000) with the daemon, against the sandbox unless TMAPI_BASE_URL is set.
+dev: setup
+	$(RUN) tmapi-assets dev
+
+bench: setup
+	$(UV) sync --frozen --compile-bytecode --extra bench
+	$(RUN) python -m bench.run
+
+clean-data:
+	rm -rf data/tmapi.duckdb data/tmapi.duckdb.wal data/dagster_home

@@ -1,0 +1,257 @@
+"""`tmapi-assets`: the command line. Each command is a thin call into the library or into Dagster.
+
+Dagster is imported lazily (inside commands) so that `watch` and `sandbox` start fast, and so that environment
+settings made here (DAGSTER_HOME, TMAPI_BASE_URL for the demo) are in place before the definitions load.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from tmapi_assets import config
+from tmapi_assets.errors import InvalidInputError, TmapiError
+from tmapi_assets.ids import WatchedItem
+from tmapi_assets.watchlist import add_items, read_watchlist, remove_items
+
+DEMO_ITEMS = [
+    "652702302959",  # the API doc's own example item: its response is served verbatim by the sandbox
+    "610947572360", "624282357434", "633451896020", "645123987001", "655873214009",
+    "661234509876", "672345610987", "683456721098", "694567832109", "700112233445",
+    "711223344556", "722334455667", "733445566778", "744556677889",
+    "1000012345678", "1000023456789",  # 13-digit ids
+    "652702302959:5b2a1c4d8e9f00112233445566778899",  # one SKU spec of the doc item
+    "624282357434:a1b2c3d4e5f60718293a4b5c6d7e8f90",
+    "755667788990",
+]
+
+
+def _prepare_dagster_home() -> Path:
+    """Instance storage (run history, cursors, dynamic partitions) persists under data/dagster_home, configured by
+    the project's top-level dagster.yaml (Dagster reads $DAGSTER_HOME/dagster.yaml, so it is copied there)."""
+    home = Path(os.environ.get("DAGSTER_HOME") or (config.data_dir() / "dagster_home")).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    source = config.PROJECT_ROOT / "dagster.yaml"
+    target = home / "dagster.yaml"
+    if source.exists() and (not target.exists() or target.read_bytes() != source.read_bytes()):
+        shutil.copyfile(source, target)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def _parse_items(values: tuple[str, ...]) -> list[WatchedItem]:
+    items, problems = [], []
+    for value in values:
+        try:
+            items.append(WatchedItem.from_partition_key(value))
+        except InvalidInputError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise click.UsageError("\n".join(problems) + "\nNothing was changed and no API call was made.")
+    return items
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Track 1688 item sales and prices from TMAPI into DuckDB, with Dagster."""
+
+
+# ---------------------------------------------------------------------------------------------------- sandbox
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def sandbox(ctx: click.Context) -> None:
+    """Serve a local fake of the TMAPI API (see `tmapi-assets sandbox --help-sandbox`).
+
+    Options: --port P --latency-ms L --concurrency-limit C --fault-rate F --token T --exhausted-token T
+    --seed S --today YYYY-MM-DD --host H.
+    """
+    from tmapi_assets.sandbox.server import main as sandbox_main
+
+    args = ["--help" if a == "--help-sandbox" else a for a in ctx.args]
+    sys.exit(sandbox_main(args) or 0)
+
+
+# ---------------------------------------------------------------------------------------------------- watch
+@main.group()
+def watch() -> None:
+    """Edit the watchlist (data/watchlist.csv, or $TMAPI_WATCHLIST)."""
+
+
+@watch.command("add")
+@click.argument("items", nargs=-1, required=True)
+@click.option("--note", default="", help="free text kept in the note column")
+def watch_add(items: tuple[str, ...], note: str) -> None:
+    """Watch ITEM or ITEM:SPEC (several allowed)."""
+    parsed = _parse_items(items)
+    added = add_items(config.watchlist_path(), parsed, note)
+    for item in parsed:
+        click.echo(f"{'added' if item in added else 'already watched'}: {item}")
+
+
+@watch.command("remove")
+@click.argument("items", nargs=-1, required=True)
+def watch_remove(items: tuple[str, ...]) -> None:
+    """Stop watching items (their stored history stays in DuckDB)."""
+    parsed = _parse_items(items)
+    removed = remove_items(config.watchlist_path(), parsed)
+    for item in parsed:
+        click.echo(f"{'removed' if item in removed else 'was not watched'}: {item}")
+
+
+@watch.command("list")
+def watch_list() -> None:
+    """Show the watchlist and any rows that cannot be used."""
+    watchlist = read_watchlist(config.watchlist_path())
+    for entry in watchlist.entries:
+        click.echo(f"{entry.item}\t{entry.note}".rstrip())
+    for problem in watchlist.problems:
+        click.echo(problem, err=True)
+    click.echo(f"{len(watchlist.entries)} watched item(s) in {config.watchlist_path()}", err=True)
+
+
+# ---------------------------------------------------------------------------------------------------- refresh
+@main.command()
+@click.argument("items", nargs=-1)
+@click.option("--force", is_flag=True, help="call the API even for items fetched within the freshness window")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def refresh(items: tuple[str, ...], force: bool, quiet: bool) -> None:
+    """Materialise raw -> trends -> KPIs through Dagster, in-process, for ITEMs (default: the whole watchlist)."""
+    code = run_refresh(_parse_items(items) if items else None, force=force, quiet=quiet)
+    sys.exit(code)
+
+
+def run_refresh(items: list[WatchedItem] | None, *, force: bool = False, quiet: bool = False) -> int:
+    """Run the refresh job over contiguous partition ranges; print a summary; return the exit code."""
+    from tmapi_assets.defs import runner as refresh_runner
+
+    _prepare_dagster_home()
+    try:
+        outcome = refresh_runner.refresh(items, force=force, progress=not quiet)
+    except TmapiError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    click.echo(outcome.summary_text())
+    return 0 if outcome.ok else 1
+
+
+# ---------------------------------------------------------------------------------------------------- reparse
+@main.command()
+def reparse() -> None:
+    """Rebuild statistics, trends and KPIs from tmapi.raw_responses without calling the API."""
+    from tmapi_assets import pipeline
+    from tmapi_assets.warehouse import Warehouse
+
+    warehouse = Warehouse(config.duckdb_path())
+    summary = pipeline.normalise_items(warehouse)
+    kpis = warehouse.refresh_kpis()
+    click.echo(
+        f"reparsed {summary.items} item(s): {summary.sales_rows} sales rows, {summary.price_rows} price rows "
+        f"upserted; {kpis} KPI rows; {len(summary.parse_errors)} parse error(s)"
+    )
+    for error in summary.parse_errors.values():
+        click.echo(error, err=True)
+    sys.exit(1 if summary.parse_errors else 0)
+
+
+# ---------------------------------------------------------------------------------------------------- kpis
+@main.command()
+def kpis() -> None:
+    """Print the KPI table."""
+    from tmapi_assets.warehouse import Warehouse
+
+    click.echo(format_kpis(Warehouse(config.duckdb_path())))
+
+
+def format_kpis(warehouse) -> str:
+    frame = warehouse.kpis()
+    if frame.empty:
+        return "no KPIs yet: run `tmapi-assets refresh`"
+    frame["item"] = [WatchedItem(i, s).partition_key for i, s in zip(frame["item_id"], frame["spec_id"])]
+    columns = {
+        "item": "item[:spec]",
+        "last_observed_date": "last day",
+        "units_7d": "units 7d",
+        "units_30d": "units 30d",
+        "orders_30d": "orders 30d",
+        "units_per_order_30d": "u/order",
+        "latest_price_min": "price min",
+        "latest_price_max": "price max",
+        "price_change_pct_30d": "Δprice 30d %",
+        "zero_sales_days_30d": "0-sale days",
+        "sales_quantity_total_raw": "total sold",
+    }
+    table = frame[list(columns)].rename(columns=columns)
+    return table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.2f}")
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+@main.command()
+@click.option("--keep-sandbox", is_flag=True, help="leave the sandbox running at the end (Ctrl-C to stop)")
+def demo(keep_sandbox: bool) -> None:
+    """Start the sandbox, watch 20 items (incl. the doc's 652702302959), refresh them, print the KPIs."""
+    from tmapi_assets.sandbox.server import SandboxProcess
+
+    with SandboxProcess(latency_ms=150, latency_jitter_ms=100, concurrency_limit=8) as sandbox_api:
+        click.echo(f"sandbox API on {sandbox_api.base_url}")
+        os.environ["TMAPI_BASE_URL"] = sandbox_api.base_url
+        os.environ["TMAPI_API_TOKEN"] = config.SANDBOX_TOKEN
+        added = add_items(config.watchlist_path(), [WatchedItem.from_partition_key(k) for k in DEMO_ITEMS],
+                          note="demo")
+        click.echo(f"watchlist {config.watchlist_path()}: {len(added)} demo item(s) added")
+        code = run_refresh(None)
+        from tmapi_assets.warehouse import Warehouse
+
+        warehouse = Warehouse(config.duckdb_path())
+        click.echo("")
+        click.echo(format_kpis(warehouse))
+        counts = warehouse.table_counts()
+        click.echo("\n" + ", ".join(f"tmapi.{t}: {n} rows" for t, n in counts.items()))
+        click.echo(f"DuckDB file: {config.duckdb_path()}  (open the UI with `make dev`)")
+        if keep_sandbox:
+            click.echo("sandbox still running; Ctrl-C to stop")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------------------------------------------- dev
+@main.command()
+@click.option("--port", default=3000, show_default=True, help="Dagster UI port")
+def dev(port: int) -> None:
+    """Start the sandbox (unless TMAPI_BASE_URL points elsewhere) and the Dagster UI with its daemon."""
+    import subprocess
+
+    home = _prepare_dagster_home()
+    sandbox_proc = None
+    if "TMAPI_BASE_URL" not in os.environ:
+        sandbox_proc = subprocess.Popen(
+            [sys.executable, "-m", "tmapi_assets.sandbox", "--port", str(config.SANDBOX_PORT),
+             "--latency-ms", "300", "--latency-jitter-ms", "200", "--concurrency-limit", "8"]
+        )
+        click.echo(f"sandbox API on {config.SANDBOX_BASE_URL} (set TMAPI_BASE_URL to use another API)")
+    click.echo(f"DAGSTER_HOME={home}")
+    try:
+        return_code = subprocess.call(
+            [sys.executable, "-m", "dagster", "dev", "-w", str(config.PROJECT_ROOT / "workspace.yaml"),
+             "-p", str(port)],
+            cwd=config.PROJECT_ROOT,
+        )
+    except KeyboardInterrupt:
+        return_code = 0
+    finally:
+        if sandbox_proc is not None:
+            sandbox_proc.terminate()
+            sandbox_proc.wait(timeout=10)
+    sys.exit(return_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Settings read from the environment, in one place. Plain Python.
+
+Every setting has a default that runs the project against the local sandbox, so a new user needs none of them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# The sandbox's default address and token (see tmapi_assets/sandbox); the real API is one setting away:
+# TMAPI_BASE_URL=http://api.tmapi.top (or https://api.tmapi.io) and TMAPI_API_TOKEN=<your token>.
+SANDBOX_PORT = 8765
+SANDBOX_BASE_URL = f"http://127.0.0.1:{SANDBOX_PORT}"
+SANDBOX_TOKEN = "sandbox-token"
+REAL_API_BASE_URL = "http://api.tmapi.top"
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("TMAPI_DATA_DIR", PROJECT_ROOT / "data"))
+
+
+def duckdb_path() -> Path:
+    return Path(os.environ.get("TMAPI_DUCKDB_PATH", data_dir() / "tmapi.duckdb"))
+
+
+def watchlist_path() -> Path:
+    return Path(os.environ.get("TMAPI_WATCHLIST", data_dir() / "watchlist.csv"))
+
+
+def base_url() -> str:
+    return os.environ.get("TMAPI_BASE_URL", SANDBOX_BASE_URL)
+
+
+def api_token() -> str:
+    return os.environ.get("TMAPI_API_TOKEN", SANDBOX_TOKEN)
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value not in (None, "") else default
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default

@@ -1,0 +1,118 @@
+"""The refresh job, the daily schedule, and the sensor that keeps partitions in step with the watchlist.
+
+Runs cover contiguous ranges of the dynamic partition keys (in the order they were added), up to
+PARTITIONS_PER_RUN keys each: a refresh of N items launches ceil(N / PARTITIONS_PER_RUN) runs, not N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dagster import (
+    AssetSelection,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    ScheduleEvaluationContext,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    define_asset_job,
+    schedule,
+    sensor,
+)
+
+from tmapi_assets import config
+from tmapi_assets.defs.assets import FORCE_TAG, PARTITIONS_PER_RUN
+from tmapi_assets.defs.partitions import watched_items
+from tmapi_assets.watchlist import read_watchlist
+
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+
+refresh_job = define_asset_job(
+    "refresh_watched_items",
+    selection=AssetSelection.all(),
+    partitions_def=watched_items,
+    description="Fetch, normalise and compute KPIs for a range of watched items.",
+)
+
+
+def contiguous_ranges(all_keys: Sequence[str], selected: Sequence[str], max_per_run: int) -> list[tuple[str, str]]:
+    """(first, last) key ranges covering exactly `selected`, each contiguous in `all_keys` and ≤ max_per_run long."""
+    position = {key: i for i, key in enumerate(all_keys)}
+    indices = sorted({position[k] for k in selected if k in position})
+    ranges: list[tuple[str, str]] = []
+    start = prev = None
+    for index in indices:
+        if start is None:
+            start = prev = index
+        elif index == prev + 1 and index - start < max_per_run:
+            prev = index
+        else:
+            ranges.append((all_keys[start], all_keys[prev]))
+            start = prev = index
+    if start is not None:
+        ranges.append((all_keys[start], all_keys[prev]))
+    return ranges
+
+
+def range_run_requests(
+    all_keys: Sequence[str], selected: Sequence[str], *, run_key_prefix: str | None, force: bool = False
+) -> list[RunRequest]:
+    requests = []
+    for n, (first, last) in enumerate(contiguous_ranges(all_keys, selected, PARTITIONS_PER_RUN)):
+        tags = {RANGE_START_TAG: first, RANGE_END_TAG: last}
+        if force:
+            tags[FORCE_TAG] = "true"
+        requests.append(
+            RunRequest(run_key=f"{run_key_prefix}:{n}" if run_key_prefix else None, job_name=refresh_job.name, tags=tags)
+        )
+    return requests
+
+
+@schedule(
+    job=refresh_job,
+    cron_schedule="0 6 * * *",
+    execution_timezone="Asia/Shanghai",  # 1688's day; the API's daily figures for yesterday are complete by then
+    default_status=DefaultScheduleStatus.RUNNING,
+    description="Daily refresh of every watched item, in runs of up to TMAPI_PARTITIONS_PER_RUN items.",
+)
+def daily_refresh(context: ScheduleEvaluationContext):
+    keys = context.instance.get_dynamic_partitions(watched_items.name)
+    if not keys:
+        return SkipReason("the watchlist is empty: add items with `tmapi-assets watch add ITEM`")
+    day = context.scheduled_execution_time.strftime("%Y-%m-%d")
+    return range_run_requests(keys, keys, run_key_prefix=f"daily-{day}")
+
+
+@sensor(
+    job=refresh_job,
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Adds a partition for each item added to data/watchlist.csv (and requests its first fetch); "
+    "removes partitions of items taken off it (their stored history stays in DuckDB).",
+)
+def watchlist_sensor(context: SensorEvaluationContext):
+    watchlist = read_watchlist(config.watchlist_path())
+    for problem in watchlist.problems:
+        context.log.warning(problem)
+    existing = context.instance.get_dynamic_partitions(watched_items.name)
+    existing_set = set(existing)
+    wanted = [item.partition_key for item in watchlist.items]
+    wanted_set = set(wanted)
+    new = [k for k in wanted if k not in existing_set]
+    removed = [k for k in existing if k not in wanted_set]
+    if not new and not removed:
+        return SkipReason(f"watchlist unchanged ({len(wanted)} items)")
+    requests = []
+    if new:
+        requests.append(watched_items.build_add_request(new))
+    if removed:
+        requests.append(watched_items.build_delete_request(removed))
+    # New keys are appended in this order, so they form contiguous ranges after the existing ones.
+    future_keys = [k for k in existing if k not in set(removed)] + new
+    return SensorResult(
+        run_requests=range_run_requests(future_keys, new, run_key_prefix=None),
+        dynamic_partitions_requests=requests,
+    )

@@ -1,0 +1,160 @@
+"""In-process refresh through Dagster, for the CLI: the same job, assets and checks the UI runs, recorded in the
+same instance (run history, partitions), executed in this process over contiguous partition ranges."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from dagster import DagsterInstance
+from tqdm import tqdm
+
+from tmapi_assets import config, pipeline
+from tmapi_assets.defs.assets import FORCE_TAG, PARTITIONS_PER_RUN
+from tmapi_assets.defs.automation import RANGE_END_TAG, RANGE_START_TAG, contiguous_ranges, refresh_job
+from tmapi_assets.defs.partitions import watched_items
+from tmapi_assets.errors import InvalidInputError, Outcome
+from tmapi_assets.ids import WatchedItem
+from tmapi_assets.warehouse import Warehouse
+from tmapi_assets.watchlist import read_watchlist
+
+_HALTING = {Outcome.QUOTA.value, Outcome.AUTH.value, Outcome.CONFIG.value}
+_LANDED = {Outcome.SUCCESS.value, Outcome.NO_DATA.value}
+
+
+@dataclass
+class RefreshOutcome:
+    items: int = 0
+    run_ids: list[str] = field(default_factory=list)
+    failed_runs: list[str] = field(default_factory=list)
+    final: dict[WatchedItem, str] = field(default_factory=dict)  # item -> final outcome (or "fresh")
+    errors: dict[WatchedItem, str] = field(default_factory=dict)  # item -> last error message from the ledger
+    calls: int = 0
+    elapsed_s: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(self.final.values())
+
+    @property
+    def landed(self) -> int:
+        return sum(1 for o in self.final.values() if o in _LANDED)
+
+    @property
+    def fresh(self) -> int:
+        return self.counts["fresh"]
+
+    @property
+    def not_landed(self) -> list[WatchedItem]:
+        return [i for i, o in self.final.items() if o not in _LANDED and o != "fresh"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_runs and not self.not_landed and len(self.final) == self.items
+
+    def summary_text(self) -> str:
+        lines = [
+            f"refresh: {self.items} item(s) in {len(self.run_ids)} Dagster run(s), {self.elapsed_s:.1f} s",
+            f"  landed {self.landed}, fresh (no call) {self.fresh}, not landed {len(self.not_landed)}",
+            f"  API calls made {self.calls}"
+            + (f" ({self.calls / self.landed:.2f} per landed item)" if self.landed else ""),
+        ]
+        for item in self.not_landed[:30]:
+            lines.append(f"  FAILED {item}: {self.errors.get(item) or self.final[item]}")
+        if len(self.not_landed) > 30:
+            lines.append(f"  … and {len(self.not_landed) - 30} more (see tmapi.raw_responses)")
+        missing = self.items - len(self.final)
+        if missing:
+            lines.append(f"  {missing} item(s) were not attempted (a run failed or the API halted)")
+        for run_id in self.failed_runs:
+            lines.append(f"  run {run_id} failed: see `make dev` (Runs) or data/dagster_home for its logs")
+        return "\n".join(lines)
+
+
+def sync_partitions(instance: DagsterInstance, wanted: list[str]) -> list[str]:
+    """Make the dynamic partitions equal the watchlist (new keys appended in watchlist order)."""
+    existing = instance.get_dynamic_partitions(watched_items.name)
+    new = [k for k in wanted if k not in set(existing)]
+    removed = [k for k in existing if k not in set(wanted)]
+    if removed:
+        for key in removed:
+            instance.delete_dynamic_partition(watched_items.name, key)
+    if new:
+        instance.add_dynamic_partitions(watched_items.name, new)
+    return instance.get_dynamic_partitions(watched_items.name)
+
+
+def refresh(items: list[WatchedItem] | None, *, force: bool = False, progress: bool = True) -> RefreshOutcome:
+    from tmapi_assets.defs import defs  # after the caller has set the environment
+
+    started = time.monotonic()
+    outcome = RefreshOutcome()
+    watchlist = read_watchlist(config.watchlist_path())
+    outcome.problems = list(watchlist.problems)
+    wanted = [i.partition_key for i in watchlist.items]
+    if items is None:
+        selected = wanted
+    else:
+        not_watched = [str(i) for i in items if i.partition_key not in set(wanted)]
+        if not_watched:
+            raise InvalidInputError(
+                f"not on the watchlist: {', '.join(not_watched)}; add them with `tmapi-assets watch add ITEM` first"
+            )
+        selected = [i.partition_key for i in items]
+    outcome.items = len(selected)
+    if not selected:
+        raise InvalidInputError(f"the watchlist {config.watchlist_path()} is empty: `tmapi-assets watch add ITEM`")
+
+    instance = DagsterInstance.get()
+    all_keys = sync_partitions(instance, wanted)
+    job = defs.resolve_job_def(refresh_job.name)
+    run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+    # disable=None: a bar on a terminal, nothing in CI logs.
+    bar = tqdm(total=len(selected), unit="item", disable=None if progress else True)
+
+    def on_item(item: WatchedItem, final: str) -> None:
+        outcome.final[item] = final
+        bar.update(1)
+
+    pipeline.set_progress_listener(on_item)
+    try:
+        for first, last in contiguous_ranges(all_keys, selected, PARTITIONS_PER_RUN):
+            tags = {RANGE_START_TAG: first, RANGE_END_TAG: last, "tmapi/launched_by": "cli"}
+            if force:
+                tags[FORCE_TAG] = "true"
+            result = job.execute_in_process(instance=instance, tags=tags, run_config=run_config, raise_on_error=False)
+            outcome.run_ids.append(result.run_id)
+            if not result.success:
+                outcome.failed_runs.append(result.run_id)
+            if _HALTING & set(outcome.final.values()):
+                break  # quota, credentials or URL: every further call would fail the same way
+    finally:
+        pipeline.set_progress_listener(None)
+        bar.close()
+
+    ledger = Warehouse(config.duckdb_path())
+    if outcome.run_ids:
+        outcome.calls, outcome.errors = _ledger_figures(ledger, outcome.run_ids)
+    outcome.elapsed_s = time.monotonic() - started
+    return outcome
+
+
+def _ledger_figures(warehouse: Warehouse, run_ids: list[str]) -> tuple[int, dict[WatchedItem, str]]:
+    frame = warehouse.query(
+        """SELECT item_id, spec_id, outcome, http_status, message,
+                  count(*) OVER () AS calls,
+                  row_number() OVER (PARTITION BY item_id, spec_id ORDER BY fetched_at DESC) AS newest
+           FROM tmapi.raw_responses WHERE list_contains(?, run_id)""",
+        [run_ids],
+    )
+    if frame.empty:
+        return 0, {}
+    errors = {}
+    for row in frame[frame["newest"] == 1].itertuples():
+        if row.outcome not in _LANDED:
+            status = "no HTTP answer" if row.http_status is None or row.http_status != row.http_status else f"HTTP {int(row.http_status)}"
+            errors[WatchedItem(int(row.item_id), row.spec_id)] = f"{row.outcome} ({status}): {row.message}"
+    return int(frame["calls"].iloc[0]), errors

@@ -1,0 +1,188 @@
+"""The pipeline's steps as plain Python: fetch (API -> raw_responses) and normalise (raw_responses -> trends, KPIs).
+
+Dagster assets and the CLI's `reparse` call these; neither holds logic of its own. No Dagster import here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from tmapi_assets.client import AsyncTmapiClient, Attempt, ClientSettings, FetchResult, HaltSignal
+from tmapi_assets.errors import OUTCOME_ACTION, Action, ApiError, Outcome
+from tmapi_assets.ids import WatchedItem
+from tmapi_assets.parsing import MalformedDataError, parse_statistics
+from tmapi_assets.warehouse import Observation, Warehouse
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[WatchedItem, str], None]  # (item, final outcome) once per item
+_progress_listener: ProgressCallback | None = None
+
+
+def set_progress_listener(listener: ProgressCallback | None) -> None:
+    """The CLI registers a progress bar here; in-process Dagster runs report to it."""
+    global _progress_listener
+    _progress_listener = listener
+
+
+def _report(item: WatchedItem, outcome: str) -> None:
+    if _progress_listener is not None:
+        _progress_listener(item, outcome)
+
+
+class AttemptSink:
+    """Buffers HTTP attempts and appends them to tmapi.raw_responses in small bulk transactions.
+
+    Flushes every `batch` attempts or `interval_s` seconds, and at close: a paid response is on disk within
+    seconds of arriving, before anything parses it, and the DuckDB file is free between flushes.
+    """
+
+    def __init__(self, warehouse: Warehouse, run_id: str | None, batch: int = 200, interval_s: float = 2.0):
+        self.warehouse, self.run_id, self.batch, self.interval_s = warehouse, run_id, batch, interval_s
+        self._buffer: list[Attempt] = []
+        self._last_flush = time.monotonic()
+        self._lock = threading.Lock()
+        self.written = 0
+
+    def add(self, attempt: Attempt) -> None:
+        with self._lock:
+            self._buffer.append(attempt)
+            due = len(self._buffer) >= self.batch or time.monotonic() - self._last_flush >= self.interval_s
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._buffer = self._buffer, []
+            self._last_flush = time.monotonic()
+            if pending:
+                self.written += self.warehouse.record_attempts(pending, self.run_id)
+
+
+@dataclass
+class FetchSummary:
+    requested: int = 0
+    skipped_fresh: list[WatchedItem] = field(default_factory=list)
+    landed: list[WatchedItem] = field(default_factory=list)  # success or no-data, stored
+    failed: dict[WatchedItem, str] = field(default_factory=dict)  # item -> error text
+    halted: list[WatchedItem] = field(default_factory=list)  # not called because the run halted
+    calls: int = 0
+    halt_error: ApiError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.halted and self.halt_error is None
+
+
+def fetch_items(
+    items: Sequence[WatchedItem],
+    *,
+    settings: ClientSettings,
+    warehouse: Warehouse,
+    run_id: str | None,
+    force: bool = False,
+    fresh_within: timedelta | None = timedelta(hours=20),
+    halt: HaltSignal | None = None,
+) -> FetchSummary:
+    """Fetch items concurrently (bounded by settings.concurrency) and store every attempt verbatim.
+
+    Items with a successful response younger than `fresh_within` cost no call unless `force`.
+    """
+    summary = FetchSummary(requested=len(items))
+    fresh: set[WatchedItem] = set()
+    if not force and fresh_within is not None and items:
+        fresh = warehouse.fetched_since(items, datetime.now(timezone.utc) - fresh_within)
+    summary.skipped_fresh = [i for i in items if i in fresh]
+    for item in summary.skipped_fresh:
+        _report(item, "fresh")
+    todo = [i for i in items if i not in fresh]
+    if not todo:
+        return summary
+
+    sink = AttemptSink(warehouse, run_id)
+
+    def on_attempt(attempt: Attempt) -> None:
+        sink.add(attempt)
+        if OUTCOME_ACTION[attempt.outcome] is not Action.RETRY or attempt.attempt >= settings.max_attempts:
+            _report(attempt.item, attempt.outcome.value)
+
+    async def run() -> list[FetchResult]:
+        async with AsyncTmapiClient(settings, halt=halt, on_attempt=on_attempt) as client:
+            return await client.fetch_many(todo)
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        sink.flush()  # whatever happened, every paid answer received is stored
+    for result in results:
+        summary.calls += len(result.attempts)
+        if result.ok:
+            summary.landed.append(result.item)
+        elif result.outcome == "halted":
+            summary.halted.append(result.item)
+            _report(result.item, "halted")
+        else:
+            summary.failed[result.item] = str(result.error)
+        if result.error is not None and result.error.outcome in (Outcome.QUOTA, Outcome.AUTH, Outcome.CONFIG):
+            summary.halt_error = summary.halt_error or result.error
+    if halt is not None and halt.is_set and summary.halt_error is None:
+        summary.halt_error = halt.error
+    return summary
+
+
+@dataclass
+class NormaliseSummary:
+    items: int = 0
+    sales_rows: int = 0
+    price_rows: int = 0
+    no_data: list[WatchedItem] = field(default_factory=list)
+    missing: list[WatchedItem] = field(default_factory=list)  # no successful response stored yet
+    parse_errors: dict[WatchedItem, str] = field(default_factory=dict)
+
+
+def normalise_items(
+    warehouse: Warehouse, items: Sequence[WatchedItem] | None = None, chunk_size: int = 2000
+) -> NormaliseSummary:
+    """Parse the newest successful stored response of each item and upsert statistics, trends and KPIs.
+
+    Never calls the API: run it again after a parser fix to rebuild everything from tmapi.raw_responses.
+    """
+    summary = NormaliseSummary()
+    stored = warehouse.latest_successes(items)
+    if items is not None:
+        have = {s.item for s in stored}
+        summary.missing = [i for i in items if i not in have]
+    for start in range(0, len(stored), chunk_size):
+        observations: list[Observation] = []
+        for response in stored[start : start + chunk_size]:
+            try:
+                payload = _json_object(response.body)
+                parsed = parse_statistics(payload.get("data"))
+            except (MalformedDataError, ValueError) as exc:
+                summary.parse_errors[response.item] = (
+                    f"item {response.item}: stored response {response.response_id} cannot be parsed ({exc}); "
+                    "it is kept in tmapi.raw_responses: fix the parser and run `tmapi-assets reparse`"
+                )
+                continue
+            if parsed is None:
+                summary.no_data.append(response.item)
+            observations.append(Observation(response.item, response.response_id, response.fetched_at, parsed))
+        loaded = warehouse.load_observations(observations)
+        summary.items += loaded["items"]
+        summary.sales_rows += loaded["sales_rows"]
+        summary.price_rows += loaded["price_rows"]
+    return summary
+
+
+def _json_object(body: str) -> dict:
+    payload = json.loads(body.lstrip("\ufeff"))  # stored bodies are text; a BOM may have come with them
+    if not isinstance(payload, dict):
+        raise MalformedDataError("response body is not a JSON object")
+    return payload

@@ -1,0 +1,440 @@
+"""The warehouse: ALL SQL and DuckDB access of the project lives here (DDL in schema.sql, KPIs in kpis.sql).
+
+Plain Python (no Dagster). Rules it keeps:
+- writes are bulk (a DataFrame scanned by DuckDB), never row by row, each in one short transaction;
+- a connection is opened per unit of work and closed at once: never held across network calls, so other
+  processes (BI tools, dbt, a second run) get the file between our writes;
+- DuckDB allows one writing process per file: opening waits a bounded time, then raises WarehouseLockedError
+  naming the PID that holds the file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pandas as pd
+
+from tmapi_assets.errors import Outcome, WarehouseError, WarehouseLockedError
+from tmapi_assets.ids import WatchedItem
+
+if TYPE_CHECKING:
+    from tmapi_assets.client import Attempt
+    from tmapi_assets.parsing import ParsedStatistics
+
+SCHEMA = "tmapi"
+TABLES = (
+    "raw_responses",
+    "item_statistics",
+    "sales_trend_daily",
+    "price_trend_daily",
+    "item_kpis",
+)
+_SUCCESS_OUTCOMES = (Outcome.SUCCESS.value, Outcome.NO_DATA.value)
+_LOCK_PID = re.compile(r"PID (\d+)")
+
+
+def _sql(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+def _holder_description(message: str) -> str:
+    """'PID 1234 (python -m dbt …)' from DuckDB's lock error text, as far as /proc tells."""
+    match = _LOCK_PID.search(message)
+    if not match:
+        return "another process"
+    pid = match.group(1)
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        cmdline = ""
+    return f"PID {pid}" + (f" ({cmdline[:120]})" if cmdline else "")
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A successful raw response read back for parsing."""
+
+    item: WatchedItem
+    response_id: str
+    fetched_at: datetime
+    body: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One parsed response, ready to load. parsed None = the API said data: null (no statistics)."""
+
+    item: WatchedItem
+    response_id: str
+    fetched_at: datetime
+    parsed: ParsedStatistics | None
+
+
+def _items_frame(items: Iterable[WatchedItem]) -> pd.DataFrame:
+    items = list(dict.fromkeys(items))
+    return pd.DataFrame(
+        {
+            "item_id": pd.array([i.item_id for i in items], dtype="int64"),
+            "spec_id": pd.array([i.spec_id for i in items], dtype="str"),
+        }
+    )
+
+
+def _int_array(values: list[int | None]) -> pd.arrays.IntegerArray:
+    return pd.array(values, dtype="Int64")
+
+
+class Warehouse:
+    """The DuckDB file the pipeline writes and everyone else reads."""
+
+    def __init__(self, path: str | os.PathLike[str], *, lock_timeout_s: float = 60.0) -> None:
+        self.path = Path(path)
+        self.lock_timeout_s = lock_timeout_s
+        self._schema_ready = False
+
+    # ------------------------------------------------------------------ connections
+    @contextmanager
+    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection; waits up to lock_timeout_s for another process to release the file."""
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        elif not self.path.exists():
+            raise WarehouseError(f"DuckDB file {self.path} does not exist yet: run `tmapi-assets refresh` first")
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                conn = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.IOException as exc:  # "Could not set lock on file ... (PID n)"
+                if "lock" not in str(exc).lower():
+                    raise WarehouseError(f"cannot open DuckDB file {self.path}: {exc}") from exc
+                if time.monotonic() >= deadline:
+                    raise WarehouseLockedError(
+                        f"DuckDB file {self.path} is locked by {_holder_description(str(exc))}; waited "
+                        f"{self.lock_timeout_s:.0f} s. DuckDB allows one writing process: close that program "
+                        "(or point BI tools at the published read-only copy) and run again. Nothing was lost: "
+                        "this step can be retried."
+                    ) from exc
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())) * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 2.0)
+        try:
+            # Our own SQL never depends on the host's zone: China dates are computed explicitly.
+            conn.execute("SET TimeZone = 'UTC'")
+            if not read_only and not self._schema_ready:
+                conn.execute(_sql("schema.sql"))
+                self._schema_ready = True
+            yield conn
+        finally:
+            conn.close()
+
+    def ensure_schema(self) -> None:
+        with self.connect():
+            pass
+
+    # ------------------------------------------------------------------ raw responses (and the cost ledger)
+    def record_attempts(self, attempts: Sequence[Attempt], run_id: str | None) -> int:
+        """Append HTTP attempts verbatim to tmapi.raw_responses, in one transaction. Returns rows written."""
+        if not attempts:
+            return 0
+        texts: list[str] = []
+        exact: list[bytes | None] = []
+        for attempt in attempts:
+            try:
+                texts.append(attempt.body.decode("utf-8"))
+                exact.append(None)
+            except UnicodeDecodeError:
+                texts.append(attempt.body.decode("utf-8", errors="replace"))
+                exact.append(bytes(attempt.body))
+        frame = pd.DataFrame(
+            {
+                "response_id": [getattr(a, "response_id", None) or str(uuid.uuid4()) for a in attempts],
+                "run_id": [run_id] * len(attempts),
+                "item_id": pd.array([a.item.item_id for a in attempts], dtype="int64"),
+                "spec_id": [a.item.spec_id for a in attempts],
+                "attempt": pd.array([a.attempt for a in attempts], dtype="int32"),
+                "fetched_at": pd.to_datetime([a.fetched_at for a in attempts], utc=True),
+                "elapsed_ms": [float(a.elapsed_ms) for a in attempts],
+                "http_status": _int_array([a.http_status for a in attempts]),
+                "api_code": _int_array([a.api_code for a in attempts]),
+                "outcome": [Outcome(a.outcome).value for a in attempts],
+                "message": [a.message for a in attempts],
+                "request_url": [a.request_url for a in attempts],
+                "body": texts,
+                "body_bytes": exact,
+                "body_size": pd.array([len(a.body) for a in attempts], dtype="int64"),
+            }
+        )
+        with self.connect() as conn:
+            conn.register("staged_attempts", frame)
+            conn.execute(
+                "INSERT INTO tmapi.raw_responses BY NAME SELECT * FROM staged_attempts ON CONFLICT DO NOTHING"
+            )
+        return len(frame)
+
+    def latest_successes(self, items: Sequence[WatchedItem] | None = None) -> list[StoredResponse]:
+        """The newest successful response per (item, spec): of the given items, or of every item when None."""
+        query = f"""
+            SELECT r.item_id, r.spec_id, r.response_id, r.fetched_at, r.body
+            FROM tmapi.raw_responses r
+            {"SEMI JOIN scope USING (item_id, spec_id)" if items is not None else ""}
+            WHERE r.outcome IN {_SUCCESS_OUTCOMES}
+            QUALIFY row_number() OVER (
+                PARTITION BY r.item_id, r.spec_id ORDER BY r.fetched_at DESC, r.response_id DESC) = 1
+            ORDER BY r.item_id, r.spec_id
+        """
+        with self.connect() as conn:
+            if items is not None:
+                conn.register("scope", _items_frame(items))
+            rows = conn.execute(query).fetchall()
+        return [
+            StoredResponse(WatchedItem(item_id, spec_id), response_id, fetched_at, body)
+            for item_id, spec_id, response_id, fetched_at, body in rows
+        ]
+
+    def fetched_since(self, items: Sequence[WatchedItem], since: datetime) -> set[WatchedItem]:
+        """Items with a successful response at or after `since` (the freshness skip)."""
+        if not items:
+            return set()
+        with self.connect() as conn:
+            conn.register("scope", _items_frame(items))
+            rows = conn.execute(
+                f"""SELECT DISTINCT item_id, spec_id FROM tmapi.raw_responses
+                    SEMI JOIN scope USING (item_id, spec_id)
+                    WHERE outcome IN {_SUCCESS_OUTCOMES} AND fetched_at >= ?""",
+                [since],
+            ).fetchall()
+        return {WatchedItem(item_id, spec_id) for item_id, spec_id in rows}
+
+    # ------------------------------------------------------------------ normalised tables
+    def load_observations(self, observations: Sequence[Observation]) -> dict[str, int]:
+        """Upsert statistics and daily trends of parsed responses in one transaction, so readers see each
+        response either whole or not at all. Newer responses win per (item, spec, date)."""
+        if not observations:
+            return {"items": 0, "sales_rows": 0, "price_rows": 0}
+        stats, sales, prices = _observation_frames(observations)
+        with self.connect() as conn:
+            conn.register("staged_stats", stats)
+            conn.register("staged_sales", sales)
+            conn.register("staged_prices", prices)
+            conn.execute("BEGIN TRANSACTION")
+            try:
+                conn.execute(
+                    """
+                    INSERT INTO tmapi.item_statistics BY NAME
+                    SELECT * REPLACE (CAST(publish_time AS TIMESTAMPTZ) AS publish_time), now() AS updated_at
+                    FROM staged_stats
+                    ON CONFLICT (item_id, spec_id) DO UPDATE SET
+                        has_data = excluded.has_data,
+                        publish_time = excluded.publish_time,
+                        sales_quantity_30days = excluded.sales_quantity_30days,
+                        sales_quantity_total_raw = excluded.sales_quantity_total_raw,
+                        sales_quantity_total_lower_bound = excluded.sales_quantity_total_lower_bound,
+                        sales_quantity_total_is_lower_bound = excluded.sales_quantity_total_is_lower_bound,
+                        order_quantity_total_raw = excluded.order_quantity_total_raw,
+                        order_quantity_total_lower_bound = excluded.order_quantity_total_lower_bound,
+                        order_quantity_total_is_lower_bound = excluded.order_quantity_total_is_lower_bound,
+                        sales_rows = excluded.sales_rows,
+                        price_rows = excluded.price_rows,
+                        duplicate_dates = excluded.duplicate_dates,
+                        sum30_observed = excluded.sum30_observed,
+                        sum30_ok = excluded.sum30_ok,
+                        response_id = excluded.response_id,
+                        fetched_at = excluded.fetched_at,
+                        updated_at = excluded.updated_at
+                    WHERE excluded.fetched_at >= item_statistics.fetched_at
+                    """
+                )
+                conn.execute(
+                    """
+                    INSERT INTO tmapi.sales_trend_daily BY NAME SELECT * FROM staged_sales
+                    ON CONFLICT (item_id, spec_id, date) DO UPDATE SET
+                        sales_quantity = excluded.sales_quantity,
+                        order_quantity = excluded.order_quantity,
+                        fetched_at = excluded.fetched_at
+                    WHERE excluded.fetched_at >= sales_trend_daily.fetched_at
+                    """
+                )
+                conn.execute(
+                    """
+                    INSERT INTO tmapi.price_trend_daily BY NAME
+                    SELECT * REPLACE (CAST(price_min AS DECIMAL(18, 4)) AS price_min,
+                                      CAST(price_max AS DECIMAL(18, 4)) AS price_max)
+                    FROM staged_prices
+                    ON CONFLICT (item_id, spec_id, date) DO UPDATE SET
+                        price_min = excluded.price_min,
+                        price_max = excluded.price_max,
+                        fetched_at = excluded.fetched_at
+                    WHERE excluded.fetched_at >= price_trend_daily.fetched_at
+                    """
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return {"items": len(stats), "sales_rows": len(sales), "price_rows": len(prices)}
+
+    def refresh_kpis(self, items: Sequence[WatchedItem] | None = None) -> int:
+        """Recompute tmapi.item_kpis for the given items (all stored items when None)."""
+        with self.connect() as conn:
+            if items is None:
+                conn.execute(
+                    """CREATE OR REPLACE TEMP TABLE kpi_scope AS
+                       SELECT item_id, spec_id FROM tmapi.item_statistics
+                       UNION SELECT DISTINCT item_id, spec_id FROM tmapi.sales_trend_daily
+                       UNION SELECT DISTINCT item_id, spec_id FROM tmapi.price_trend_daily"""
+                )
+            else:
+                conn.register("kpi_scope", _items_frame(items))
+            conn.execute("BEGIN TRANSACTION")
+            try:
+                count = self._refresh_kpis(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return count
+
+    @staticmethod
+    def _refresh_kpis(conn: duckdb.DuckDBPyConnection) -> int:
+        conn.execute(
+            """DELETE FROM tmapi.item_kpis k USING kpi_scope s
+               WHERE k.item_id = s.item_id AND k.spec_id = s.spec_id"""
+        )
+        conn.execute(f"INSERT INTO tmapi.item_kpis BY NAME {_sql('kpis.sql')}")
+        return conn.execute("SELECT count(*) FROM kpi_scope").fetchone()[0]
+
+    # ------------------------------------------------------------------ reads for checks, CLI and tests
+    def table_counts(self) -> dict[str, int]:
+        with self.connect() as conn:
+            return {t: conn.execute(f"SELECT count(*) FROM {SCHEMA}.{t}").fetchone()[0] for t in TABLES}
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+        """Run a read query and return a DataFrame (for the CLI, checks and tests)."""
+        with self.connect() as conn:
+            return conn.execute(sql, params or []).df()
+
+    def kpis(self, items: Sequence[WatchedItem] | None = None) -> pd.DataFrame:
+        with self.connect() as conn:
+            where = ""
+            if items is not None:
+                conn.register("scope", _items_frame(items))
+                where = "SEMI JOIN scope USING (item_id, spec_id)"
+            return conn.execute(
+                f"""SELECT k.*, s.sales_quantity_total_raw, s.sales_quantity_30days, s.sum30_ok
+                    FROM tmapi.item_kpis k LEFT JOIN tmapi.item_statistics s USING (item_id, spec_id)
+                    {where} ORDER BY k.item_id, k.spec_id"""
+            ).df()
+
+    def sum30_mismatches(self, items: Sequence[WatchedItem] | None = None) -> pd.DataFrame:
+        """Items whose Σ of the last 30 daily sales differs from sales_quantity_30days (as last observed)."""
+        return self._scoped(
+            """SELECT item_id, spec_id, sales_quantity_30days, sum30_observed FROM tmapi.item_statistics
+               {scope} WHERE sum30_ok = false ORDER BY item_id, spec_id""",
+            items,
+        )
+
+    def price_order_violations(self, items: Sequence[WatchedItem] | None = None) -> pd.DataFrame:
+        """Days where price_min > price_max."""
+        return self._scoped(
+            """SELECT item_id, spec_id, date, price_min, price_max FROM tmapi.price_trend_daily
+               {scope} WHERE price_min > price_max ORDER BY item_id, spec_id, date""",
+            items,
+        )
+
+    def _scoped(self, template: str, items: Sequence[WatchedItem] | None) -> pd.DataFrame:
+        with self.connect() as conn:
+            scope = ""
+            if items is not None:
+                conn.register("scope", _items_frame(items))
+                scope = "SEMI JOIN scope USING (item_id, spec_id)"
+            return conn.execute(template.format(scope=scope)).df()
+
+
+def _observation_frames(observations: Sequence[Observation]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Columnar frames for the bulk upsert. Prices travel as decimal strings and are cast to DECIMAL in SQL."""
+    stats: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "item_id spec_id has_data publish_time sales_quantity_30days "
+            "sales_quantity_total_raw sales_quantity_total_lower_bound sales_quantity_total_is_lower_bound "
+            "order_quantity_total_raw order_quantity_total_lower_bound order_quantity_total_is_lower_bound "
+            "sales_rows price_rows duplicate_dates sum30_observed sum30_ok response_id fetched_at"
+        ).split()
+    }
+    sales: dict[str, list[Any]] = {k: [] for k in "item_id spec_id date sales_quantity order_quantity fetched_at".split()}
+    prices: dict[str, list[Any]] = {k: [] for k in "item_id spec_id date price_min price_max fetched_at".split()}
+    for obs in observations:
+        item_id, spec_id, parsed = obs.item.item_id, obs.item.spec_id, obs.parsed
+        stats["item_id"].append(item_id)
+        stats["spec_id"].append(spec_id)
+        stats["has_data"].append(parsed is not None)
+        stats["response_id"].append(obs.response_id)
+        stats["fetched_at"].append(obs.fetched_at)
+        if parsed is None:
+            for key in list(stats)[3:-2]:
+                stats[key].append(0 if key in ("sales_rows", "price_rows", "duplicate_dates") else None)
+            continue
+        stats["publish_time"].append(parsed.publish_time.astimezone(timezone.utc) if parsed.publish_time else None)
+        stats["sales_quantity_30days"].append(parsed.sales_quantity_30days)
+        for prefix, count in (("sales", parsed.sales_quantity_total), ("order", parsed.order_quantity_total)):
+            stats[f"{prefix}_quantity_total_raw"].append(count.raw)
+            stats[f"{prefix}_quantity_total_lower_bound"].append(count.lower_bound)
+            stats[f"{prefix}_quantity_total_is_lower_bound"].append(count.is_lower_bound)
+        stats["sales_rows"].append(len(parsed.sales_trend))
+        stats["price_rows"].append(len(parsed.price_trend))
+        stats["duplicate_dates"].append(parsed.duplicate_dates)
+        stats["sum30_observed"].append(parsed.sum30.observed)
+        stats["sum30_ok"].append(parsed.sum30.ok)
+        n_sales, n_prices = len(parsed.sales_trend), len(parsed.price_trend)
+        sales["item_id"] += [item_id] * n_sales
+        sales["spec_id"] += [spec_id] * n_sales
+        sales["fetched_at"] += [obs.fetched_at] * n_sales
+        for day in parsed.sales_trend:
+            sales["date"].append(day.date)
+            sales["sales_quantity"].append(day.sales_quantity)
+            sales["order_quantity"].append(day.order_quantity)
+        prices["item_id"] += [item_id] * n_prices
+        prices["spec_id"] += [spec_id] * n_prices
+        prices["fetched_at"] += [obs.fetched_at] * n_prices
+        for day in parsed.price_trend:
+            prices["date"].append(day.date)
+            prices["price_min"].append(None if day.price_min is None else str(day.price_min))
+            prices["price_max"].append(None if day.price_max is None else str(day.price_max))
+    return _frame(stats), _frame(sales), _frame(prices)
+
+
+_INT_COLUMNS = {
+    "item_id", "sales_quantity_30days", "sales_quantity_total_lower_bound", "order_quantity_total_lower_bound",
+    "sales_rows", "price_rows", "duplicate_dates", "sum30_observed", "sales_quantity", "order_quantity",
+}
+_BOOL_COLUMNS = {"has_data", "sum30_ok", "sales_quantity_total_is_lower_bound", "order_quantity_total_is_lower_bound"}
+
+
+def _frame(columns: dict[str, list[Any]]) -> pd.DataFrame:
+    """Typed DataFrame: nullable ints/bools stay nullable; timestamps are UTC; strings stay strings."""
+    data: dict[str, Any] = {}
+    for name, values in columns.items():
+        if name in _INT_COLUMNS:
+            data[name] = pd.array(values, dtype="Int64")
+        elif name in _BOOL_COLUMNS:
+            data[name] = pd.array(values, dtype="boolean")
+        elif name in ("fetched_at", "publish_time"):
+            data[name] = pd.to_datetime(pd.Series(values, dtype="object"), utc=True)
+        elif name == "date":
+            data[name] = pd.Series(values, dtype="object")
+        else:
+            data[name] = pd.Series(values, dtype="object")
+    return pd.DataFrame(data)
