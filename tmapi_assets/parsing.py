@@ -35,24 +35,24 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from tmapi_assets.errors import TmapiError
 
 __all__ = [
-    "SHANGHAI",
     "MAX_INT",
     "MAX_PRICE",
     "MAX_PRICE_DECIMALS",
-    "MalformedDataError",
+    "SHANGHAI",
     "DisplayCount",
-    "SalesDay",
-    "PriceDay",
-    "TrendDay",
-    "Sum30Check",
+    "MalformedDataError",
     "ParsedStatistics",
+    "PriceDay",
+    "SalesDay",
+    "Sum30Check",
+    "TrendDay",
     "decode_body",
     "parse_display_count",
     "parse_price",
-    "parse_quantity",
     "parse_publish_time",
-    "parse_trend_date",
+    "parse_quantity",
     "parse_statistics",
+    "parse_trend_date",
 ]
 
 try:
@@ -67,6 +67,7 @@ MAX_INT = 2**63 - 1
 MAX_PRICE = Decimal(10) ** 12
 MAX_PRICE_DECIMALS = 6
 
+_MIN_YEAR, _MAX_YEAR = 1900, 2199  # publish_time sanity range
 _NULL_WORDS = frozenset({"", "null", "none", "undefined"})
 _MAX_REPR = 80
 
@@ -143,7 +144,7 @@ def decode_body(raw: bytes) -> str:
     becomes "1.5ä¸‡+" in the first place).
     """
     if isinstance(raw, str):
-        return raw[1:] if raw.startswith("\ufeff") else raw
+        return raw.removeprefix("\ufeff")
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise MalformedDataError("body must be bytes", field="body", value=raw)
     try:
@@ -190,6 +191,7 @@ _DIGIT_TOKEN = re.compile(r"[0-9]+(?:[.,][0-9]+)*")
 _NUMBER = re.compile(r"(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?")
 _SUFFIX = re.compile(r"\s*(百万|千万|千|万|亿|[kKwW](?![A-Za-z]))?\s*(\+|以上|多)?")
 _MAX_NUMBER_TOKEN = 40
+_MAX_DISPLAY_TEXT = 200  # the raw text is stored as sent; a "total" longer than this is garbage
 _DISPLAY_CACHE: dict[str, DisplayCount] = {}
 _CACHE_LIMIT = 4096
 
@@ -277,12 +279,22 @@ def parse_display_count(value: object) -> DisplayCount:
         cached = _DISPLAY_CACHE.get(value)
         if cached is not None:
             return cached
+        if len(value) > _MAX_DISPLAY_TEXT:
+            raise MalformedDataError(
+                f"is longer than {_MAX_DISPLAY_TEXT} characters: not a display total",
+                field="display count",
+                value=value,
+            )
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # json.loads lets lone surrogates ("\ud800") through; they cannot be stored
+                raise MalformedDataError("is not valid Unicode text", field="display count", value=value) from None
         read = _read_display(value)
         result = DisplayCount(value, None, None) if read is None else DisplayCount(value, read[0], read[1])
         if len(_DISPLAY_CACHE) >= _CACHE_LIMIT:
             _DISPLAY_CACHE.clear()
-        if len(value) <= 200:
-            _DISPLAY_CACHE[value] = result
+        _DISPLAY_CACHE[value] = result
         return result
     if isinstance(value, str):  # str subclass
         return parse_display_count(str(value))
@@ -500,15 +512,15 @@ def parse_publish_time(value: object) -> datetime | None:
         if text.startswith("0000-00-00"):
             return None  # MySQL's "zero date": no value
         parsed = datetime.fromisoformat(text)  # validates digits, calendar date and time; takes 'Z' and offsets
-    except ValueError:
+        if not _MIN_YEAR <= parsed.year <= _MAX_YEAR:
+            raise ValueError("year out of range")  # also keeps UTC conversions (DuckDB, .timestamp()) in range
+        return parsed.replace(tzinfo=SHANGHAI) if parsed.tzinfo is None else parsed.astimezone(SHANGHAI)
+    except (ValueError, OverflowError):
         if text.casefold() in _NULL_WORDS:
             return None
         raise MalformedDataError(
-            "must be a China time written 'YYYY-MM-DD HH:MM:SS'", field="publish_time", value=value
+            "must be a China time written 'YYYY-MM-DD HH:MM:SS' (year 1900-2199)", field="publish_time", value=value
         ) from None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=SHANGHAI)
-    return parsed.astimezone(SHANGHAI)
 
 
 # ------------------------------------------------------------------------------------------------------ trend rows
@@ -628,28 +640,57 @@ def _field(parse, data: dict, name: str):
         raise MalformedDataError(exc.problem, field=f"data.{name}", value=data.get(name)) from None
 
 
+def _slow_sales_row(row: object, index: int) -> tuple[date, int | None, int | None]:
+    if not isinstance(row, dict):
+        raise _bad_row("sales_trend", index, row)
+    return (
+        _row_date(row, "sales_trend", index),
+        _row_value(parse_quantity, row, "sales_quantity", "sales_trend", index),
+        _row_value(parse_quantity, row, "order_quantity", "sales_trend", index),
+    )
+
+
+def _slow_price_row(row: object, index: int) -> tuple[date, Decimal | None, Decimal | None]:
+    if not isinstance(row, dict):
+        raise _bad_row("price_trend", index, row)
+    return (
+        _row_date(row, "price_trend", index),
+        _row_value(parse_price, row, "price_min", "price_trend", index),
+        _row_value(parse_price, row, "price_max", "price_trend", index),
+    )
+
+
+# The two hot loops. Fast path: the date string and price strings are in the caches (filled only with values the
+# strict parsers accepted, keyed by str) and the quantities are plain in-range ints. Anything else (cache miss,
+# missing key, unhashable or wrong-typed value, a row that is not a dict) raises KeyError/TypeError or fails the int
+# test and goes through the general parsers, which fill the caches or raise MalformedDataError naming the row.
+
+
 def _parse_sales(rows: list) -> tuple[dict[date, SalesDay], int]:
-    # Hand-inlined hot loop (see _new above): fast paths for the common types, the general parsers otherwise.
     by_date: dict[date, SalesDay] = {}
     conflicts = 0
     date_cache = _DATE_CACHE
+    new, set_date, set_sales, set_orders = _new, _set_sales_date, _set_sales_quantity, _set_order_quantity
     for index, row in enumerate(rows):
-        if type(row) is not dict and not isinstance(row, dict):
-            raise _bad_row("sales_trend", index, row)
-        raw_date = row.get("date")
-        day = date_cache.get(raw_date) if type(raw_date) is str else None
-        if day is None:
-            day = _row_date(row, "sales_trend", index)
-        sales = row.get("sales_quantity")
-        if type(sales) is not int or sales < 0 or sales > MAX_INT:
-            sales = _row_value(parse_quantity, row, "sales_quantity", "sales_trend", index)
-        orders = row.get("order_quantity")
-        if type(orders) is not int or orders < 0 or orders > MAX_INT:
-            orders = _row_value(parse_quantity, row, "order_quantity", "sales_trend", index)
-        item = _new(SalesDay)
-        _set_sales_date(item, day)
-        _set_sales_quantity(item, sales)
-        _set_order_quantity(item, orders)
+        try:
+            day = date_cache[row["date"]]
+            sales = row["sales_quantity"]
+            orders = row["order_quantity"]
+        except (KeyError, TypeError):
+            day, sales, orders = _slow_sales_row(row, index)
+        else:
+            if (
+                type(sales) is not int
+                or type(orders) is not int
+                or not 0 <= sales <= MAX_INT
+                or not 0 <= orders <= MAX_INT
+                or type(row) is not dict  # a dict subclass / Mapping: take the checked path
+            ):
+                day, sales, orders = _slow_sales_row(row, index)
+        item = new(SalesDay)
+        set_date(item, day)
+        set_sales(item, sales)
+        set_orders(item, orders)
         if day in by_date and by_date[day] != item:
             conflicts += 1  # the later row wins
         by_date[day] = item
@@ -661,25 +702,21 @@ def _parse_prices(rows: list) -> tuple[dict[date, PriceDay], int]:
     conflicts = 0
     date_cache = _DATE_CACHE
     price_cache = _PRICE_CACHE
+    new, set_date, set_min, set_max = _new, _set_price_date, _set_price_min, _set_price_max
     for index, row in enumerate(rows):
-        if type(row) is not dict and not isinstance(row, dict):
-            raise _bad_row("price_trend", index, row)
-        raw_date = row.get("date")
-        day = date_cache.get(raw_date) if type(raw_date) is str else None
-        if day is None:
-            day = _row_date(row, "price_trend", index)
-        low = row.get("price_min")
-        low = price_cache.get(low, _MISS) if type(low) is str else _MISS
-        if low is _MISS:
-            low = _row_value(parse_price, row, "price_min", "price_trend", index)
-        high = row.get("price_max")
-        high = price_cache.get(high, _MISS) if type(high) is str else _MISS
-        if high is _MISS:
-            high = _row_value(parse_price, row, "price_max", "price_trend", index)
-        item = _new(PriceDay)
-        _set_price_date(item, day)
-        _set_price_min(item, low)
-        _set_price_max(item, high)
+        try:
+            day = date_cache[row["date"]]
+            low = price_cache[row["price_min"]]
+            high = price_cache[row["price_max"]]
+        except (KeyError, TypeError):
+            day, low, high = _slow_price_row(row, index)
+        else:
+            if type(row) is not dict:
+                day, low, high = _slow_price_row(row, index)
+        item = new(PriceDay)
+        set_date(item, day)
+        set_min(item, low)
+        set_max(item, high)
         if day in by_date and by_date[day] != item:
             conflicts += 1  # the later row wins
         by_date[day] = item

@@ -1,17 +1,29 @@
 """Dagster definitions of tmapi-assets: `dagster dev -w workspace.yaml` loads `defs` from here."""
 
-from dagster import Definitions
+import warnings
 
-from tmapi_assets.defs.assets import item_kpis, normalised_tables, raw_responses
-from tmapi_assets.defs.automation import daily_refresh, refresh_job, watchlist_sensor
-from tmapi_assets.defs.checks import price_min_not_above_max, raw_items_landed, sum30_matches
-from tmapi_assets.defs.resources import default_resources
+from dagster import BetaWarning, Definitions
 
-defs = Definitions(
-    assets=[raw_responses, normalised_tables, item_kpis],
-    asset_checks=[raw_items_landed, sum30_matches, price_min_not_above_max],
-    jobs=[refresh_job],
-    schedules=[daily_refresh],
-    sensors=[watchlist_sensor],
-    resources=default_resources(),
-)
+# BackfillPolicy is marked beta; it is what makes a backfill of N items N/K runs instead of N (see assets.py).
+warnings.filterwarnings("ignore", category=BetaWarning)
+
+from tmapi_assets.defs.assets import item_kpis, normalised_tables, raw_responses  # noqa: E402
+from tmapi_assets.defs.automation import daily_refresh, refresh_job, watchlist_sensor  # noqa: E402
+from tmapi_assets.defs.checks import price_min_not_above_max, raw_items_landed, sum30_matches  # noqa: E402
+from tmapi_assets.defs.resources import default_resources  # noqa: E402
+
+
+def build_definitions() -> Definitions:
+    """The definitions with resources read from the environment now (the CLI and tests call this after setting
+    TMAPI_BASE_URL / TMAPI_DUCKDB_PATH)."""
+    return Definitions(
+        assets=[raw_responses, normalised_tables, item_kpis],
+        asset_checks=[raw_items_landed, sum30_matches, price_min_not_above_max],
+        jobs=[refresh_job],
+        schedules=[daily_refresh],
+        sensors=[watchlist_sensor],
+        resources=default_resources(),
+    )
+
+
+defs = build_definitions()

@@ -4,7 +4,6 @@ Each asset is a thin call into tmapi_assets.pipeline / warehouse. A run covers m
 (BackfillPolicy.multi_run): the API calls of a run go out concurrently inside the raw step, and the writes are bulk.
 """
 
-from __future__ import annotations
 
 import os
 from datetime import timedelta

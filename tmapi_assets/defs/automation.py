@@ -4,9 +4,9 @@ Runs cover contiguous ranges of the dynamic partition keys (in the order they we
 PARTITIONS_PER_RUN keys each: a refresh of N items launches ceil(N / PARTITIONS_PER_RUN) runs, not N.
 """
 
-from __future__ import annotations
 
 from collections.abc import Sequence
+from zoneinfo import ZoneInfo
 
 from dagster import (
     AssetSelection,
@@ -27,13 +27,13 @@ from tmapi_assets.defs.assets import FORCE_TAG, PARTITIONS_PER_RUN
 from tmapi_assets.defs.partitions import watched_items
 from tmapi_assets.watchlist import read_watchlist
 
+CHINA = ZoneInfo("Asia/Shanghai")
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 refresh_job = define_asset_job(
     "refresh_watched_items",
-    selection=AssetSelection.all(),
-    partitions_def=watched_items,
+    selection=AssetSelection.all(),  # partitioned by watched_items, inferred from the assets
     description="Fetch, normalise and compute KPIs for a range of watched items.",
 )
 
@@ -74,7 +74,7 @@ def range_run_requests(
 @schedule(
     job=refresh_job,
     cron_schedule="0 6 * * *",
-    execution_timezone="Asia/Shanghai",  # 1688's day; the API's daily figures for yesterday are complete by then
+    execution_timezone=CHINA.key,  # 1688's day; the API's daily figures for yesterday are complete by then
     default_status=DefaultScheduleStatus.RUNNING,
     description="Daily refresh of every watched item, in runs of up to TMAPI_PARTITIONS_PER_RUN items.",
 )
@@ -82,7 +82,8 @@ def daily_refresh(context: ScheduleEvaluationContext):
     keys = context.instance.get_dynamic_partitions(watched_items.name)
     if not keys:
         return SkipReason("the watchlist is empty: add items with `tmapi-assets watch add ITEM`")
-    day = context.scheduled_execution_time.strftime("%Y-%m-%d")
+    # The run key names the China day, whatever zone the scheduled time comes in.
+    day = context.scheduled_execution_time.astimezone(CHINA).strftime("%Y-%m-%d")
     return range_run_requests(keys, keys, run_key_prefix=f"daily-{day}")
 
 

@@ -1,6 +1,5 @@
 """Asset checks, scoped to the partitions of the run that materialised the asset."""
 
-from __future__ import annotations
 
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
 

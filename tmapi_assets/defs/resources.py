@@ -1,6 +1,5 @@
 """Dagster resources: thin wrappers that build the plain-Python client settings and warehouse."""
 
-from __future__ import annotations
 
 import os
 from contextlib import contextmanager

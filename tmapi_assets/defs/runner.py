@@ -11,6 +11,7 @@ from dagster import DagsterInstance
 from tqdm import tqdm
 
 from tmapi_assets import config, pipeline
+from tmapi_assets.defs import build_definitions
 from tmapi_assets.defs.assets import FORCE_TAG, PARTITIONS_PER_RUN
 from tmapi_assets.defs.automation import RANGE_END_TAG, RANGE_START_TAG, contiguous_ranges, refresh_job
 from tmapi_assets.defs.partitions import watched_items
@@ -87,8 +88,6 @@ def sync_partitions(instance: DagsterInstance, wanted: list[str]) -> list[str]:
 
 
 def refresh(items: list[WatchedItem] | None, *, force: bool = False, progress: bool = True) -> RefreshOutcome:
-    from tmapi_assets.defs import defs  # after the caller has set the environment
-
     started = time.monotonic()
     outcome = RefreshOutcome()
     watchlist = read_watchlist(config.watchlist_path())
@@ -109,7 +108,7 @@ def refresh(items: list[WatchedItem] | None, *, force: bool = False, progress: b
 
     instance = DagsterInstance.get()
     all_keys = sync_partitions(instance, wanted)
-    job = defs.resolve_job_def(refresh_job.name)
+    job = build_definitions().resolve_job_def(refresh_job.name)  # resources from the environment now
     run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
     # disable=None: a bar on a terminal, nothing in CI logs.

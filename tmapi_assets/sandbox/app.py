@@ -339,7 +339,7 @@ class SalesEndpoint:
                 await _drop_connection(receive, send)
                 return 0
             if script.has_body:
-                await _send_bytes(send, script.status, script.body, script.content_type.encode("latin-1"), script.headers)
+                await self._send_script(send, script)
                 return script.status
             await _send_bytes(send, 504, _GW_504, GATEWAY_CT)  # what Kong says when the upstream times out
             return 504
@@ -352,8 +352,12 @@ class SalesEndpoint:
         if script.kind == "large_body":
             await self._send_large(send, script)
             return script.status
-        await _send_bytes(send, script.status, script.body, script.content_type.encode("latin-1"), script.headers)
+        await self._send_script(send, script)
         return script.status
+
+    @staticmethod
+    async def _send_script(send, script: _Script) -> None:
+        await _send_bytes(send, script.status, script.body, script.content_type.encode("latin-1"), script.headers)
 
     async def _send_large(self, send, script: _Script) -> None:
         size = max(script.size, 2)

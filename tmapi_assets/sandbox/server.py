@@ -86,9 +86,12 @@ class SandboxConfig:
         return argv
 
 
-def _uvicorn_config(config: SandboxConfig, app: Any | None = None) -> uvicorn.Config:
+def _uvicorn_config(config: SandboxConfig, *, own_logging: bool = True) -> uvicorn.Config:
+    """uvicorn settings. own_logging=False (in-process threads): do not reconfigure logging of the host process;
+    uvicorn's records then propagate to the root logger like any library's."""
+    extra: dict[str, Any] = {} if own_logging else {"log_config": None}
     return uvicorn.Config(
-        app if app is not None else create_app(config),
+        create_app(config),
         host=config.host,
         port=config.port,
         access_log=False,  # access lines contain the full URL, apiToken included
@@ -100,6 +103,7 @@ def _uvicorn_config(config: SandboxConfig, app: Any | None = None) -> uvicorn.Co
         timeout_graceful_shutdown=3,
         server_header=False,
         date_header=True,
+        **extra,
     )
 
 
@@ -142,8 +146,14 @@ def serve(config: SandboxConfig) -> None:
     """Run the sandbox until SIGINT/SIGTERM (blocking). Prints the listening line once it accepts connections."""
     server = _Server(_uvicorn_config(config))
 
+    async def guarded() -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn exits like this when it cannot bind; it has logged why
+            pass
+
     async def run() -> None:
-        task = asyncio.ensure_future(server.serve())
+        task = asyncio.ensure_future(guarded())
         while not server.started:
             if task.done():
                 break
@@ -181,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--token", default=None,
         help="accepted API token (default: $TMAPI_SANDBOX_TOKEN or 'sandbox-token')",
     )  # fmt: skip
-    p.add_argument("--exhausted-token", default=None, help="token answered with HTTP 439 (default 'sandbox-exhausted-token')")
+    p.add_argument(
+        "--exhausted-token", default=None,
+        help="token answered with HTTP 439 (default: $TMAPI_SANDBOX_EXHAUSTED_TOKEN or 'sandbox-exhausted-token')",
+    )  # fmt: skip
     p.add_argument("--today", type=date.fromisoformat, default=None, help="pin today's China date (YYYY-MM-DD)")
     p.add_argument("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"])
     return p
@@ -255,7 +268,8 @@ class _Controls:
         self._call("POST", "/_sandbox/reset", {})
 
     def script(self, item_id: int | str, responses: list[dict[str, Any]], spec_id: str = "") -> dict[str, Any]:
-        return self._call("POST", "/_sandbox/script", {"item_id": str(item_id), "spec_id": spec_id, "responses": responses})
+        payload = {"item_id": str(item_id), "spec_id": spec_id, "responses": responses}
+        return self._call("POST", "/_sandbox/script", payload)
 
     def _wait_ready(self, deadline: float, alive: Any = lambda: True) -> None:
         last: Exception | None = None
@@ -290,12 +304,12 @@ class SandboxThread(_Controls):
         self._error: BaseException | None = None
 
     def start(self) -> "SandboxThread":
-        self._server = _Server(_uvicorn_config(self.config))
+        self._server = _Server(_uvicorn_config(self.config, own_logging=False))
 
         def run() -> None:
             try:
                 self._server.run()
-            except BaseException as exc:  # noqa: BLE001 - reported by start()
+            except BaseException as exc:  # noqa: BLE001 - reported by start() (SystemExit when it cannot bind)
                 self._error = exc
 
         self._thread = threading.Thread(target=run, name="tmapi-sandbox", daemon=True)

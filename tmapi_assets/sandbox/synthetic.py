@@ -2,7 +2,8 @@
 
 Every number is a pure function of (item_id, spec_id, date) -- never of the time of the request -- so two fetches made
 on consecutive days return overlapping 30-day windows that agree on every shared date, exactly like the real API is
-expected to. Randomness comes from ``hashlib.blake2b`` of ``f"{item}:{spec}:{...}"`` used as a seed.
+expected to. Randomness comes from ``hashlib.blake2b`` of ``f"{item}:{spec}:{date}"`` (a stream of hash words for the
+daily sales; one hash word per date for price changes; a seeded ``random.Random`` for the per-item profile).
 
 Shape of one history (mirrors the real doc example of item 652702302959):
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import struct
 from datetime import date, datetime, timedelta
 from functools import lru_cache
 
@@ -148,15 +150,53 @@ def _typical_price_cents(raw: float, r: random.Random) -> int:
     return max(10, round(price * 100))
 
 
-def _poisson(r: random.Random, mean: float) -> int:
+class _HashStream:
+    """Uniform numbers from blake2b(key + counter): cheaper to start than a seeded random.Random, and stable."""
+
+    __slots__ = ("key", "counter", "words", "index")
+
+    def __init__(self, key: str) -> None:
+        self.key = key.encode("utf-8")
+        self.counter = 0
+        self.words: tuple[int, ...] = ()
+        self.index = 8
+
+    def random(self) -> float:
+        if self.index == 8:
+            digest = hashlib.blake2b(self.key + b"#%d" % self.counter, digest_size=64).digest()
+            self.words = _EIGHT_WORDS.unpack(digest)
+            self.counter += 1
+            self.index = 0
+        word = self.words[self.index]
+        self.index += 1
+        return word / 18446744073709551616.0  # 2**64
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.random()
+
+    def expovariate(self, rate: float) -> float:
+        return -math.log(1.0 - self.random()) / rate
+
+    def gauss(self, mu: float, sigma: float) -> float:
+        u1 = 1.0 - self.random()
+        return mu + sigma * math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * self.random())
+
+
+_EIGHT_WORDS = struct.Struct(">8Q")
+
+
+def _poisson(r: _HashStream, mean: float) -> int:
+    """Poisson draw: inversion with one uniform for small means, normal approximation for large ones."""
     if mean <= 0:
         return 0
-    if mean < 15:
-        limit = math.exp(-mean)
-        k, p = 0, r.random()
-        while p > limit:
+    if mean < 30:
+        u = r.random()
+        k, p = 0, math.exp(-mean)
+        cumulative = p
+        while cumulative < u and k < 200:
             k += 1
-            p *= r.random()
+            p *= mean / k
+            cumulative += p
         return k
     return max(0, round(r.gauss(mean, math.sqrt(mean))))
 
@@ -171,15 +211,18 @@ def daily_sales(item: str, spec: str, day: date) -> tuple[int, int]:
     p = _profile(item, spec)
     if p.never_sells:
         return 0, 0
-    r = random.Random(int.from_bytes(hashlib.blake2b(f"{item}:{spec}:{day}".encode(), digest_size=8).digest(), "big"))
+    r = _HashStream(f"{item}:{spec}:{day}")
     if r.random() < p.stockout_prob:
         return 0, 0
     mean = p.mean_orders(day)
     orders = _poisson(r, mean)
     if orders <= 12:
-        # Each order has at least one piece; the rest is spread around the item's pieces-per-order.
-        rate = 1.0 / p.pieces_per_order
-        sales = sum(max(1, round(r.expovariate(rate) + 0.5)) for _ in range(orders))
+        # Each order has at least one piece; the extra pieces are exponential per order (their sum is a Gamma draw:
+        # -log of a product of uniforms), around the item's pieces-per-order.
+        product = 1.0
+        for _ in range(orders):
+            product *= 1.0 - r.random()
+        sales = orders + round(max(0.0, p.pieces_per_order - 0.5) * -math.log(product)) if orders else 0
     else:
         sales = max(orders, round(orders * p.pieces_per_order * r.uniform(0.75, 1.3)))
     if r.random() < p.spike_prob:

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from tmapi_assets.parsing import ParsedStatistics
 
 SCHEMA = "tmapi"
+# The file is attached under this alias: opened directly, data/tmapi.duckdb is a catalog named "tmapi" holding a
+# schema named "tmapi", and DuckDB rejects "tmapi.table" as ambiguous. (Readers: see docs/schema.md.)
+CATALOG = "warehouse"
 TABLES = (
     "raw_responses",
     "item_statistics",
@@ -43,6 +46,10 @@ TABLES = (
 )
 _SUCCESS_OUTCOMES = (Outcome.SUCCESS.value, Outcome.NO_DATA.value)
 _LOCK_PID = re.compile(r"PID (\d+)")
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _sql(name: str) -> str:
@@ -116,9 +123,12 @@ class Warehouse:
         delay = 0.05
         while True:
             try:
-                conn = duckdb.connect(str(self.path), read_only=read_only)
+                conn = duckdb.connect()
+                conn.execute(f"ATTACH {_quote(str(self.path))} AS {CATALOG}" + (" (READ_ONLY)" if read_only else ""))
+                conn.execute(f"USE {CATALOG}")
                 break
             except duckdb.IOException as exc:  # "Could not set lock on file ... (PID n)"
+                conn.close()
                 if "lock" not in str(exc).lower():
                     raise WarehouseError(f"cannot open DuckDB file {self.path}: {exc}") from exc
                 if time.monotonic() >= deadline:
@@ -325,6 +335,13 @@ class Warehouse:
         """Run a read query and return a DataFrame (for the CLI, checks and tests)."""
         with self.connect() as conn:
             return conn.execute(sql, params or []).df()
+
+    def records(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """Run a read query and return rows as dicts with exact Python types (Decimal stays Decimal)."""
+        with self.connect() as conn:
+            cursor = conn.execute(sql, params or [])
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
 
     def kpis(self, items: Sequence[WatchedItem] | None = None) -> pd.DataFrame:
         with self.connect() as conn:

@@ -101,8 +101,8 @@ SELECT
     s.order_quantity,
     p.price_min,
     p.price_max
-FROM tmapi.sales_trend_daily s
-FULL OUTER JOIN tmapi.price_trend_daily p
+FROM sales_trend_daily s  -- unqualified: a view resolves names in its own schema, whatever the catalog is called
+FULL OUTER JOIN price_trend_daily p
     ON s.item_id = p.item_id AND s.spec_id = p.spec_id AND s.date = p.date;
 
 -- The cost ledger: paid calls per China day, item and outcome.
@@ -114,5 +114,5 @@ SELECT
     outcome,
     count(*)                AS calls,
     count(DISTINCT run_id)  AS runs
-FROM tmapi.raw_responses
+FROM raw_responses
 GROUP BY ALL;

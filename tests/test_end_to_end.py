@@ -1,0 +1,170 @@
+"""The Dagster assets against the sandbox over real HTTP: refresh, idempotence, freshness, failures, halts,
+and the sensor and schedule that drive refreshes."""
+
+import os
+from datetime import datetime, timezone
+
+import pytest
+from dagster import DagsterInstance, build_schedule_context, build_sensor_context
+
+from tmapi_assets.defs import automation
+from tmapi_assets.defs.automation import RANGE_END_TAG, RANGE_START_TAG, contiguous_ranges
+from tmapi_assets.defs.partitions import watched_items
+from tmapi_assets.defs.runner import refresh
+from tmapi_assets.ids import WatchedItem
+from tmapi_assets.sandbox import SandboxProcess
+from tmapi_assets.warehouse import Warehouse
+from tmapi_assets.watchlist import add_items
+
+DOC_ITEM = WatchedItem(652702302959)
+ITEMS = [DOC_ITEM, WatchedItem(610947572360), WatchedItem(1000012345678), WatchedItem(652702302959, "5b2a1c4d"),
+         WatchedItem(624282357434)]
+
+
+@pytest.fixture(scope="module")
+def sandbox_api():
+    with SandboxProcess(latency_ms=20, concurrency_limit=8) as api:
+        yield api
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, sandbox_api):
+    """A fresh data dir, Dagster instance and watchlist, pointed at the sandbox."""
+    monkeypatch.setenv("TMAPI_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("TMAPI_BASE_URL", sandbox_api.base_url)
+    monkeypatch.setenv("TMAPI_API_TOKEN", sandbox_api.token)
+    monkeypatch.setenv("TMAPI_DUCKDB_LOCK_TIMEOUT_S", "5")
+    (tmp_path / "dagster_home").mkdir()
+    (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    sandbox_api.reset()
+    add_items(tmp_path / "watchlist.csv", ITEMS)
+    return tmp_path
+
+
+def test_refresh_lands_every_item_over_real_http(project, sandbox_api):
+    outcome = refresh(None, progress=False)
+    assert outcome.ok, outcome.summary_text()
+    assert outcome.landed == len(ITEMS) and outcome.calls == len(ITEMS)
+    assert len(outcome.run_ids) == 1  # one run for all partitions, not one per item
+    assert sandbox_api.stats()["requests_total"] == len(ITEMS)
+
+    warehouse = Warehouse(project / "tmapi.duckdb")
+    doc = warehouse.records(
+        "SELECT * FROM tmapi.item_statistics WHERE item_id = 652702302959 AND spec_id = ''")[0]
+    assert doc["sales_quantity_total_lower_bound"] == 15000 and doc["sales_quantity_total_is_lower_bound"]
+    assert doc["order_quantity_total_lower_bound"] == 3500
+    rows = warehouse.records(
+        """SELECT (SELECT count(*) FROM tmapi.sales_trend_daily WHERE item_id = 652702302959 AND spec_id = '') s,
+                  (SELECT count(*) FROM tmapi.price_trend_daily WHERE item_id = 652702302959 AND spec_id = '') p,
+                  (SELECT sum(sales_quantity) FROM tmapi.sales_trend_daily
+                   WHERE item_id = 652702302959 AND spec_id = '') total""")[0]
+    assert rows == {"s": 30, "p": 29, "total": 3985}
+    assert warehouse.table_counts()["item_kpis"] == len(ITEMS)
+    # Every stored URL is token-free.
+    urls = warehouse.records("SELECT request_url FROM tmapi.raw_responses")
+    assert all(sandbox_api.token not in r["request_url"] for r in urls)
+
+    # Dagster knows which partitions are materialised, and the checks ran and passed.
+    instance = DagsterInstance.get()
+    from dagster import AssetKey
+
+    for name in ("raw_responses", "sales_trend_daily", "price_trend_daily", "item_statistics", "item_kpis"):
+        assert instance.get_materialized_partitions(AssetKey(["tmapi", name])) == {i.partition_key for i in ITEMS}
+    run = instance.get_run_by_id(outcome.run_ids[0])
+    assert run.is_success
+    checks = [
+        e for e in instance.all_logs(run.run_id)
+        if e.dagster_event and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"
+    ]
+    assert len(checks) == 3 and all(e.dagster_event.event_specific_data.passed for e in checks)
+
+
+def test_second_refresh_costs_no_call_and_changes_no_row(project, sandbox_api):
+    assert refresh(None, progress=False).ok
+    warehouse = Warehouse(project / "tmapi.duckdb")
+    before = warehouse.table_counts()
+    calls_before = sandbox_api.stats()["requests_total"]
+
+    again = refresh(None, progress=False)
+    assert again.ok and again.calls == 0 and again.fresh == len(ITEMS)
+    assert sandbox_api.stats()["requests_total"] == calls_before
+    assert warehouse.table_counts() == before
+
+    forced = refresh(None, force=True, progress=False)
+    assert forced.ok and forced.calls == len(ITEMS)
+    after = warehouse.table_counts()
+    assert after["raw_responses"] == before["raw_responses"] + len(ITEMS)
+    assert {k: v for k, v in after.items() if k != "raw_responses"} == \
+           {k: v for k, v in before.items() if k != "raw_responses"}
+
+
+def test_failures_are_per_item_and_a_rerun_fetches_only_what_is_missing(project, sandbox_api):
+    bad = WatchedItem(777700000422)  # the sandbox answers 422 for ids ending in 0422
+    flaky = WatchedItem(610947572360)
+    add_items(project / "watchlist.csv", [bad])
+    sandbox_api.script(flaky.item_id, [{"status": 417, "body": {"code": 417, "msg": "Failed to retrieve data"}},
+                                       {"status": 200, "content_type": "text/html", "body_text": ""}])
+    outcome = refresh(None, progress=False)
+    assert not outcome.ok
+    assert outcome.not_landed == [bad]
+    assert "422" in outcome.errors[bad] and "Parameter error" in outcome.errors[bad]
+    assert outcome.landed == len(ITEMS)
+    assert outcome.calls == len(ITEMS) + 1 + 2  # the flaky item took 3 attempts; 422 is never retried
+    assert "FAILED 777700000422" in outcome.summary_text()
+
+    calls_before = sandbox_api.stats()["requests_total"]
+    rerun = refresh(None, progress=False)
+    assert rerun.fresh == len(ITEMS) and rerun.not_landed == [bad]
+    assert sandbox_api.stats()["requests_total"] == calls_before + 1  # only the missing item was called
+
+
+def test_quota_halt_stops_every_further_call(project, sandbox_api, monkeypatch):
+    monkeypatch.setenv("TMAPI_API_TOKEN", "sandbox-exhausted-token")
+    outcome = refresh(None, progress=False)
+    assert not outcome.ok
+    assert outcome.failed_runs  # the raw step failed visibly, without retries
+    assert outcome.calls <= 4  # at most the calls already in flight when the first 439 came back
+    assert sandbox_api.stats()["requests_total"] == outcome.calls
+    assert any("439" in str(e) or "quota" in str(e).lower() for e in outcome.errors.values())
+
+
+def test_refresh_of_named_items_and_refusal_of_unwatched(project, sandbox_api):
+    outcome = refresh([DOC_ITEM], progress=False)
+    assert outcome.ok and outcome.landed == 1 and sandbox_api.stats()["requests_total"] == 1
+    from tmapi_assets.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="not on the watchlist"):
+        refresh([WatchedItem(123456789)], progress=False)
+    assert sandbox_api.stats()["requests_total"] == 1
+
+
+def test_sensor_adds_partitions_and_requests_first_fetch(project):
+    instance = DagsterInstance.get()
+    context = build_sensor_context(instance=instance)
+    result = automation.watchlist_sensor(context)
+    [add] = result.dynamic_partitions_requests
+    assert list(add.partition_keys) == [i.partition_key for i in ITEMS]
+    [run] = result.run_requests
+    assert (run.tags[RANGE_START_TAG], run.tags[RANGE_END_TAG]) == (ITEMS[0].partition_key, ITEMS[-1].partition_key)
+
+    instance.add_dynamic_partitions(watched_items.name, list(add.partition_keys))
+    assert "unchanged" in automation.watchlist_sensor(build_sensor_context(instance=instance)).skip_message
+
+
+def test_schedule_launches_runs_over_ranges_in_china_time(project):
+    instance = DagsterInstance.get()
+    instance.add_dynamic_partitions(watched_items.name, [i.partition_key for i in ITEMS])
+    when = datetime(2026, 12, 3, 22, 0, tzinfo=timezone.utc)  # 06:00 on 4 Dec in Shanghai
+    context = build_schedule_context(instance=instance, scheduled_execution_time=when)
+    requests = automation.daily_refresh(context)
+    assert [r.run_key for r in requests] == ["daily-2026-12-04:0"]
+    assert automation.daily_refresh.execution_timezone == "Asia/Shanghai"
+
+
+def test_contiguous_ranges_chunk_and_split():
+    keys = [str(100 + i) for i in range(10)]
+    assert contiguous_ranges(keys, keys, 4) == [("100", "103"), ("104", "107"), ("108", "109")]
+    assert contiguous_ranges(keys, ["101", "102", "105", "109", "999"], 10) == [("101", "102"), ("105", "105"),
+                                                                              ("109", "109")]
+    assert contiguous_ranges(keys, [], 4) == []

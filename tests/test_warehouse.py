@@ -1,0 +1,223 @@
+"""The warehouse: raw storage, normalise + upsert, KPIs in SQL, lock discipline. No network."""
+
+import json
+import subprocess
+import sys
+import time
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from tmapi_assets import pipeline
+from tmapi_assets.client import Attempt
+from tmapi_assets.errors import Outcome, WarehouseLockedError
+from tmapi_assets.ids import WatchedItem
+from tmapi_assets.warehouse import Warehouse
+
+FIXTURE = Path(__file__).parent / "fixtures" / "doc_example_full.json"
+DOC_ITEM = WatchedItem(652702302959)
+
+
+def doc_body() -> dict:
+    return json.loads(FIXTURE.read_text(encoding="utf-8"))
+
+
+def attempt(item: WatchedItem, body: dict | bytes | None, *, outcome=Outcome.SUCCESS, status=200,
+            at: datetime | None = None, n: int = 1) -> Attempt:
+    raw = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode() if body else b""
+    return Attempt(
+        item=item, attempt=n, fetched_at=at or datetime.now(timezone.utc), elapsed_ms=12.5, http_status=status,
+        api_code=200 if outcome in (Outcome.SUCCESS, Outcome.NO_DATA) else status, outcome=outcome, body=raw,
+        request_url=f"http://127.0.0.1/1688/item/statistics/sales?item_id={item.item_id}", message=None,
+    )
+
+
+def shifted(body: dict, days: int, sales_factor: int = 1) -> dict:
+    """The same response seen `days` later: every date moved, sales scaled (so overlapping days differ)."""
+    body = json.loads(json.dumps(body))
+    for key in ("sales_trend", "price_trend"):
+        for row in body["data"][key]:
+            row["date"] = (date.fromisoformat(row["date"]) + timedelta(days=days)).isoformat()
+            if key == "sales_trend":
+                row["sales_quantity"] *= sales_factor
+    return body
+
+
+@pytest.fixture
+def warehouse(tmp_path) -> Warehouse:
+    return Warehouse(tmp_path / "tmapi.duckdb", lock_timeout_s=2)
+
+
+def test_doc_example_lands_with_the_documented_figures(warehouse):
+    warehouse.record_attempts([attempt(DOC_ITEM, doc_body())], run_id="r1")
+    summary = pipeline.normalise_items(warehouse, [DOC_ITEM])
+    warehouse.refresh_kpis([DOC_ITEM])
+    assert (summary.items, summary.sales_rows, summary.price_rows) == (1, 30, 29)
+    stats = warehouse.query("SELECT * FROM tmapi.item_statistics").iloc[0]
+    assert stats.sales_quantity_30days == 3985 and stats.sum30_observed == 3985 and bool(stats.sum30_ok)
+    assert stats.sales_quantity_total_lower_bound == 15000 and bool(stats.sales_quantity_total_is_lower_bound)
+    assert stats.sales_quantity_total_raw == "1.5万+"
+    assert stats.order_quantity_total_lower_bound == 3500 and bool(stats.order_quantity_total_is_lower_bound)
+    # publish_time "2024-06-27 09:22:26" is China time: 01:22:26 UTC.
+    assert stats.publish_time.to_pydatetime() == datetime(2024, 6, 27, 1, 22, 26, tzinfo=timezone.utc)
+    assert warehouse.query("SELECT sum(sales_quantity) s FROM tmapi.sales_trend_daily").s[0] == 3985
+
+
+def test_kpis_match_an_independent_computation_from_the_fixture(warehouse):
+    data = doc_body()["data"]
+    warehouse.record_attempts([attempt(DOC_ITEM, doc_body())], run_id="r1")
+    pipeline.normalise_items(warehouse, [DOC_ITEM])
+    warehouse.refresh_kpis([DOC_ITEM])
+    [kpi] = warehouse.records("SELECT * FROM tmapi.item_kpis")
+    kpi = type("Row", (), kpi)
+
+    sales = sorted(data["sales_trend"], key=lambda r: r["date"])
+    prices = sorted(data["price_trend"], key=lambda r: r["date"])
+    last_sales = date.fromisoformat(sales[-1]["date"])
+    last_price = date.fromisoformat(prices[-1]["date"])
+    in_window = lambda r, n: date.fromisoformat(r["date"]) > last_sales - timedelta(days=n)  # noqa: E731
+    assert kpi.units_7d == sum(r["sales_quantity"] for r in sales if in_window(r, 7))
+    assert kpi.units_30d == 3985
+    orders = sum(r["order_quantity"] for r in sales if in_window(r, 30))
+    assert kpi.orders_30d == orders
+    assert kpi.units_per_order_30d == (Decimal(3985) / Decimal(orders)).quantize(Decimal("0.0001"))
+    assert kpi.zero_sales_days_30d == sum(1 for r in sales if r["sales_quantity"] == 0)
+    assert kpi.latest_price_min == Decimal(prices[-1]["price_min"])
+    assert kpi.latest_price_max == Decimal(prices[-1]["price_max"])
+    assert kpi.lowest_price_min == min(Decimal(r["price_min"]) for r in prices)
+    assert kpi.last_observed_date == max(last_sales, last_price)
+    assert kpi.days_since_publish == (max(last_sales, last_price) - date(2024, 6, 27)).days
+    assert kpi.history_days == 30
+
+
+def test_prices_are_stored_as_decimal_not_float(warehouse):
+    warehouse.record_attempts([attempt(DOC_ITEM, doc_body())], run_id="r1")
+    pipeline.normalise_items(warehouse, [DOC_ITEM])
+    types = warehouse.query(
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = 'tmapi' AND column_name IN ('price_min', 'price_max')"
+    )
+    assert set(types.data_type) == {"DECIMAL(18,4)"}
+    with warehouse.connect() as conn:
+        value = conn.execute("SELECT price_min FROM tmapi.price_trend_daily LIMIT 1").fetchone()[0]
+    assert isinstance(value, Decimal)
+
+
+def test_reloading_the_same_response_never_duplicates(warehouse):
+    for _ in range(3):
+        warehouse.record_attempts([attempt(DOC_ITEM, doc_body())], run_id="r")
+        pipeline.normalise_items(warehouse, [DOC_ITEM])
+        warehouse.refresh_kpis([DOC_ITEM])
+    counts = warehouse.table_counts()
+    assert counts == {"raw_responses": 3, "item_statistics": 1, "sales_trend_daily": 30, "price_trend_daily": 29,
+                      "item_kpis": 1}
+
+
+def test_history_grows_past_the_window_and_newer_responses_win(warehouse):
+    t0 = datetime(2025, 7, 24, 1, tzinfo=timezone.utc)
+    warehouse.record_attempts([attempt(DOC_ITEM, doc_body(), at=t0)], run_id="day1")
+    pipeline.normalise_items(warehouse, [DOC_ITEM])
+    # Ten days later the window has moved: 10 new dates, 20 overlapping ones with revised (doubled) sales.
+    later = shifted(doc_body(), 10, sales_factor=2)
+    warehouse.record_attempts([attempt(DOC_ITEM, later, at=t0 + timedelta(days=10))], run_id="day11")
+    pipeline.normalise_items(warehouse, [DOC_ITEM])
+    assert warehouse.table_counts()["sales_trend_daily"] == 40
+    newest = {r["date"]: r["sales_quantity"] for r in later["data"]["sales_trend"]}
+    stored = warehouse.query("SELECT CAST(date AS VARCHAR) d, sales_quantity q FROM tmapi.sales_trend_daily")
+    for d, q in zip(stored.d, stored.q):
+        if d in newest:
+            assert q == newest[d]
+
+
+def test_an_older_response_loaded_late_does_not_overwrite_newer_values(warehouse):
+    t0 = datetime(2025, 7, 24, 1, tzinfo=timezone.utc)
+    newer = shifted(doc_body(), 0, sales_factor=3)
+    warehouse.record_attempts([attempt(DOC_ITEM, newer, at=t0 + timedelta(hours=5))], run_id="a")
+    pipeline.normalise_items(warehouse, [DOC_ITEM])
+    from tmapi_assets.parsing import parse_statistics
+    from tmapi_assets.warehouse import Observation
+
+    older = Observation(DOC_ITEM, "old", t0, parse_statistics(doc_body()["data"]))
+    warehouse.load_observations([older])
+    assert warehouse.query("SELECT sum(sales_quantity) s FROM tmapi.sales_trend_daily").s[0] == 3 * 3985
+
+
+def test_no_data_response_is_an_empty_observation_not_a_crash(warehouse):
+    item = WatchedItem(624282357434)
+    warehouse.record_attempts([attempt(item, {"code": 200, "msg": "success", "data": None}, outcome=Outcome.NO_DATA)],
+                              run_id="r")
+    summary = pipeline.normalise_items(warehouse, [item])
+    warehouse.refresh_kpis([item])
+    assert summary.no_data == [item]
+    stats = warehouse.query("SELECT has_data, sales_rows FROM tmapi.item_statistics").iloc[0]
+    assert not stats.has_data and stats.sales_rows == 0
+    assert len(warehouse.query("SELECT * FROM tmapi.item_kpis")) == 1
+
+
+def test_spec_ids_are_separate_keys_and_never_null(warehouse):
+    spec = WatchedItem(652702302959, "5b2a1c4d")
+    warehouse.record_attempts([attempt(DOC_ITEM, doc_body()), attempt(spec, shifted(doc_body(), 0, 2))], run_id="r")
+    pipeline.normalise_items(warehouse, [DOC_ITEM, spec])
+    per_key = warehouse.query(
+        "SELECT spec_id, sum(sales_quantity) s FROM tmapi.sales_trend_daily GROUP BY spec_id ORDER BY spec_id")
+    assert list(per_key.spec_id) == ["", "5b2a1c4d"] and list(per_key.s) == [3985, 7970]
+    assert warehouse.query("SELECT count(*) n FROM tmapi.sales_trend_daily WHERE spec_id IS NULL").n[0] == 0
+
+
+def test_unparseable_stored_response_is_reported_and_kept(warehouse):
+    bad = doc_body()
+    bad["data"]["sales_trend"][3]["date"] = "2025-13-45"
+    warehouse.record_attempts([attempt(DOC_ITEM, bad)], run_id="r")
+    summary = pipeline.normalise_items(warehouse, [DOC_ITEM])
+    assert DOC_ITEM in summary.parse_errors and "reparse" in summary.parse_errors[DOC_ITEM]
+    assert warehouse.table_counts()["raw_responses"] == 1
+    assert warehouse.table_counts()["sales_trend_daily"] == 0
+
+
+def test_non_utf8_body_is_kept_byte_exact(warehouse):
+    raw = b'{"code": 500, "msg": "\xff\xfe broken"}'
+    warehouse.record_attempts([attempt(DOC_ITEM, raw, outcome=Outcome.TRANSIENT, status=500)], run_id="r")
+    with warehouse.connect() as conn:
+        body, exact = conn.execute("SELECT body, body_bytes FROM tmapi.raw_responses").fetchone()
+    assert exact == raw and "broken" in body
+
+
+def test_views_join_on_date_and_count_calls(warehouse):
+    warehouse.record_attempts([attempt(DOC_ITEM, doc_body())], run_id="r")
+    pipeline.normalise_items(warehouse, [DOC_ITEM])
+    daily = warehouse.query("SELECT * FROM tmapi.item_daily ORDER BY date")
+    assert len(daily) == 30 and daily.price_min.isna().sum() == 1  # the last sales day has no price row
+    calls = warehouse.query("SELECT sum(calls) c FROM tmapi.api_calls_daily")
+    assert calls.c[0] == 1
+
+
+def test_freshness_query(warehouse):
+    now = datetime.now(timezone.utc)
+    other = WatchedItem(624282357434)
+    warehouse.record_attempts([attempt(DOC_ITEM, doc_body(), at=now - timedelta(hours=2)),
+                               attempt(other, doc_body(), at=now - timedelta(hours=30))], run_id="r")
+    assert warehouse.fetched_since([DOC_ITEM, other], now - timedelta(hours=20)) == {DOC_ITEM}
+
+
+def test_locked_file_fails_within_the_timeout_naming_the_holder(tmp_path):
+    path = tmp_path / "tmapi.duckdb"
+    Warehouse(path).ensure_schema()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import duckdb, time; c = duckdb.connect({str(path)!r}); print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        started = time.monotonic()
+        with pytest.raises(WarehouseLockedError) as info:
+            Warehouse(path, lock_timeout_s=1.0).table_counts()
+        waited = time.monotonic() - started
+        assert 0.9 <= waited < 10
+        assert f"PID {holder.pid}" in str(info.value) and "run again" in str(info.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Warehouse(path).table_counts()["raw_responses"] == 0  # usable again once the holder is gone
