@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import pickle
+import random
 import time
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -564,6 +565,46 @@ def test_input_is_not_mutated():
     assert body == snapshot
 
 
+_FUZZ_ATOMS = [
+    None, True, False, 0, -1, 1, 2**63, 10**40, 1.5, -0.0, float("nan"), float("inf"), "", " ", "null", "x", "11.0",
+    "-11.0", "2025-06-24", "2025-13-01", "1.5万+", "1.5ä¸‡+", "\ud800", "\x00", "９", "1e5", "NaN", [], {}, [1],
+    {"a": None}, "9" * 5000, Decimal("1E+1000000"), Decimal("NaN"), Decimal(-1), "٣", "2024-06-27 09:22:26",
+]  # fmt: skip
+
+
+def _fuzz(value, rng):
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            roll = rng.random()
+            if roll < 0.05:
+                continue  # drop the key
+            out[key] = rng.choice(_FUZZ_ATOMS) if roll < 0.2 else _fuzz(item, rng)
+        return out
+    if isinstance(value, list):
+        out = [_fuzz(item, rng) for item in value]
+        if out and rng.random() < 0.1:
+            out.append(rng.choice(out))
+        if rng.random() < 0.1:
+            rng.shuffle(out)
+        return out
+    return value
+
+
+def test_fuzzed_bodies_parse_or_raise_malformed_only():
+    rng = random.Random(20250624)
+    outcomes = {"ok": 0, "malformed": 0}
+    for _ in range(3000):
+        try:
+            parse_statistics(_fuzz(data(), rng)).joined_trend()
+            outcomes["ok"] += 1
+        except MalformedDataError as err:
+            assert err.field and err.field.startswith("data")
+            assert err.value_repr is None or len(err.value_repr) <= 80
+            outcomes["malformed"] += 1
+    assert outcomes["malformed"] > 0
+
+
 # ------------------------------------------------------------------------------------------------------- bodies
 
 
@@ -628,7 +669,8 @@ def test_results_do_not_depend_on_local_time_zone():
 
 def test_parse_throughput_sanity():
     """Loose guard against a pathological slowdown; the real target (10,000 responses < 1 s) is measured by hand."""
-    bodies = [copy.deepcopy(data()) for _ in range(2000)]
+    text = json.dumps(data())
+    bodies = [json.loads(text) for _ in range(2000)]
     start = time.perf_counter()
     for body in bodies:
         parse_statistics(body)

@@ -30,6 +30,7 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
+from operator import attrgetter
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from tmapi_assets.errors import TmapiError
@@ -723,6 +724,9 @@ def _parse_prices(rows: list) -> tuple[dict[date, PriceDay], int]:
     return by_date, conflicts
 
 
+_sales_quantity = attrgetter("sales_quantity")
+
+
 def _sorted_rows(by_date: dict) -> tuple:
     return tuple(map(by_date.__getitem__, sorted(by_date)))
 
@@ -750,10 +754,7 @@ def parse_statistics(data: object) -> ParsedStatistics | None:
     price_trend = _sorted_rows(prices_by_date)
 
     last = sales_trend[-30:]
-    observed = 0
-    for row in last:
-        if row.sales_quantity is not None:
-            observed += row.sales_quantity
+    observed = sum(filter(None, map(_sales_quantity, last)))  # None counts as 0
     sum30 = Sum30Check(
         expected=sales_30,
         observed=observed,
