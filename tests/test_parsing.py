@@ -33,7 +33,16 @@ from tmapi_assets.parsing import (
     parse_trend_date,
 )
 
-SHARED = Path("/work/shared")
+# The shared fixtures and cases: the repo's copy (tests/fixtures, tests/cases) first, else /work/shared.
+HERE = Path(__file__).resolve().parent
+SHARED_DIRS = (HERE, Path("/work/shared"))
+
+
+def shared_path(relative: str) -> Path:
+    for root in SHARED_DIRS:
+        if (root / relative).exists():
+            return root / relative
+    pytest.skip(f"{relative} not found under {[str(root) for root in SHARED_DIRS]}")
 
 
 def _id(value: object) -> str:
@@ -106,10 +115,7 @@ def data() -> dict:
 
 
 def shared_json(relative: str):
-    path = SHARED / relative
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(shared_path(relative).read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- display counts
@@ -202,6 +208,8 @@ def test_display_count_integral_float():
         (12.5, Decimal("12.5")),
         (0.1, Decimal("0.1")),  # via str(): never the binary expansion
         (Decimal("7.25"), Decimal("7.25")),
+        ("0.1234", Decimal("0.1234")),  # MAX_PRICE_DECIMALS = 4, the warehouse's DECIMAL(18, 4)
+        ("999999999999.99", Decimal("999999999999.99")),
         (None, None),
         ("", None),
         (" ", None),
@@ -223,7 +231,7 @@ def test_parse_price(value, expected):
     [
         "-1.0", -1, -0.5, "NaN", "nan", float("nan"), float("inf"), "inf", "Infinity", Decimal("NaN"),
         "abc", "1.2.3", "1,234.00", "12.", ".5", "1e3", "1_000", "¥11.0", "١١", "+11.0",
-        True, False, [], {}, ["11.0"], {"v": "11.0"}, "9" * 5000, 10**30, "1." + "0" * 20,
+        True, False, [], {}, ["11.0"], {"v": "11.0"}, "9" * 5000, 10**30, "1." + "0" * 20, "0.12345", 0.12345, "1000000000000",
     ],
     ids=_id,
 )  # fmt: skip
@@ -355,9 +363,7 @@ def test_shared_fixture_files_match():
 
 def test_shared_fixture_files_from_bytes():
     for name in ("doc_example_full.json", "doc_example_short_mojibake.json"):
-        path = SHARED / "fixtures" / name
-        if not path.exists():
-            pytest.skip(f"{path} not present")
+        path = shared_path(f"fixtures/{name}")
         body = json.loads(decode_body(path.read_bytes()))
         parsed = parse_statistics(body["data"])
         assert parsed.sales_quantity_total.lower_bound == 15000

@@ -64,9 +64,10 @@ except ZoneInfoNotFoundError:  # pragma: no cover - no tz database at all (slim 
 
 # Largest count we accept: a DuckDB BIGINT.
 MAX_INT = 2**63 - 1
-# Prices are CNY with 1-2 decimals; these limits only refuse garbage (they fit a DECIMAL(18,6)).
+# Prices are CNY with 1-2 decimals; these limits refuse garbage and anything the warehouse's DECIMAL(18, 4) would
+# have to round or could not hold.
 MAX_PRICE = Decimal(10) ** 12
-MAX_PRICE_DECIMALS = 6
+MAX_PRICE_DECIMALS = 4
 
 _MIN_YEAR, _MAX_YEAR = 1900, 2199  # publish_time sanity range
 _NULL_WORDS = frozenset({"", "null", "none", "undefined"})
