@@ -139,6 +139,62 @@ def run_refresh(items: list[WatchedItem] | None, *, force: bool = False, quiet: 
     return 0 if outcome.ok else 1
 
 
+# ---------------------------------------------------------------------------------------------------- status
+@main.command()
+def status() -> None:
+    """Watchlist, API settings (never the token), any halt, and what the warehouse holds."""
+    from tmapi_assets.halt import read_halt
+    from tmapi_assets.warehouse import Warehouse
+
+    watchlist = read_watchlist(config.watchlist_path())
+    bad_rows = f", {len(watchlist.problems)} bad row(s) skipped" if watchlist.problems else ""
+    click.echo(f"watchlist   {config.watchlist_path()}: {len(watchlist.entries)} item(s){bad_rows}")
+    token = "set" if os.environ.get("TMAPI_API_TOKEN") else "not set (using the sandbox token)"
+    click.echo(f"API         {config.base_url()} (token {token})")
+    halt = read_halt()
+    click.echo(f"halt        {halt.describe() if halt else 'none: API calls allowed'}")
+    path = config.duckdb_path()
+    if not path.exists():
+        click.echo(f"warehouse   {path}: not created yet (run `tmapi-assets refresh`)")
+        return
+    try:
+        warehouse = Warehouse(path, lock_timeout_s=3)
+        counts = warehouse.table_counts()
+        [today] = warehouse.records(
+            """SELECT count(*) AS calls,
+                      count(*) FILTER (WHERE outcome IN ('success', 'no_data')) AS landed_calls,
+                      max(fetched_at) FILTER (WHERE outcome IN ('success', 'no_data')) AS last_success
+               FROM tmapi.raw_responses
+               WHERE CAST(timezone('Asia/Shanghai', fetched_at) AS DATE)
+                   = CAST(timezone('Asia/Shanghai', now()) AS DATE)""")
+    except TmapiError as exc:
+        click.echo(f"warehouse   {path}: {exc}")
+        return
+    click.echo(f"warehouse   {path}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
+    click.echo(f"today (CN)  {today['calls']} API call(s), {today['landed_calls']} landed; "
+               f"last success {today['last_success'] or '-'}")
+
+
+@main.command()
+def resume() -> None:
+    """Clear an API halt (after topping up the balance or fixing the token/URL). Already-landed items are skipped."""
+    from tmapi_assets.halt import clear_halt
+
+    record = clear_halt()
+    click.echo(f"cleared: {record.describe()}" if record else "no halt was set")
+
+
+@main.command()
+def publish() -> None:
+    """Write the read-only copy for BI tools and dbt now (refreshes also do this after each run)."""
+    from tmapi_assets.warehouse import Warehouse
+
+    target = config.read_copy_path()
+    if target is None:
+        raise click.UsageError("TMAPI_READ_COPY_PATH is set to '' (publishing disabled)")
+    click.echo(f"published {Warehouse(config.duckdb_path()).publish_read_copy(target)}")
+
+
 # ---------------------------------------------------------------------------------------------------- reparse
 @main.command()
 def reparse() -> None:

@@ -26,6 +26,14 @@ def duckdb_path() -> Path:
     return Path(os.environ.get("TMAPI_DUCKDB_PATH", data_dir() / "tmapi.duckdb"))
 
 
+def read_copy_path() -> Path | None:
+    """The published read-only copy for BI tools and dbt ('' disables publishing)."""
+    value = os.environ.get("TMAPI_READ_COPY_PATH")
+    if value == "":
+        return None
+    return Path(value) if value else data_dir() / "tmapi_read.duckdb"
+
+
 def watchlist_path() -> Path:
     return Path(os.environ.get("TMAPI_WATCHLIST", data_dir() / "watchlist.csv"))
 

@@ -13,11 +13,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
+from tmapi_assets import config
 from tmapi_assets.client import AsyncTmapiClient, Attempt, ClientSettings, FetchResult, HaltSignal
 from tmapi_assets.errors import OUTCOME_ACTION, Action, ApiError, Outcome
 from tmapi_assets.ids import WatchedItem
+from tmapi_assets.halt import PersistentHalt
 from tmapi_assets.parsing import MalformedDataError, parse_statistics
+from tmapi_assets.spool import Spool, orphans
 from tmapi_assets.warehouse import Observation, Warehouse
 
 log = logging.getLogger(__name__)
@@ -38,32 +42,62 @@ def _report(item: WatchedItem, outcome: str) -> None:
 
 
 class AttemptSink:
-    """Buffers HTTP attempts and appends them to tmapi.raw_responses in small bulk transactions.
+    """Where every HTTP attempt goes: first the crash-safe spool (at once), then tmapi.raw_responses in small bulk
+    transactions (every `batch` attempts or `interval_s` seconds, and at close).
 
-    Flushes every `batch` attempts or `interval_s` seconds, and at close: a paid response is on disk within
-    seconds of arriving, before anything parses it, and the DuckDB file is free between flushes.
+    A paid answer is on disk the moment it arrives, before anything parses it, and the DuckDB file is free between
+    flushes. If a flush fails (the file is locked by another process), the answers stay in the spool and the next
+    run loads them.
     """
 
     def __init__(self, warehouse: Warehouse, run_id: str | None, batch: int = 200, interval_s: float = 2.0):
         self.warehouse, self.run_id, self.batch, self.interval_s = warehouse, run_id, batch, interval_s
-        self._buffer: list[Attempt] = []
+        self._spool = Spool(spool_dir(), run_id)
+        self._pending_ids: list[str] = []
+        self._pending: list[Attempt] = []
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()
         self.written = 0
 
     def add(self, attempt: Attempt) -> None:
         with self._lock:
-            self._buffer.append(attempt)
-            due = len(self._buffer) >= self.batch or time.monotonic() - self._last_flush >= self.interval_s
+            self._pending_ids.append(self._spool.append(attempt))
+            self._pending.append(attempt)
+            due = len(self._pending) >= self.batch or time.monotonic() - self._last_flush >= self.interval_s
         if due:
             self.flush()
 
     def flush(self) -> None:
         with self._lock:
-            pending, self._buffer = self._buffer, []
+            if self._pending:
+                self.written += self.warehouse.record_attempts(self._pending, self.run_id, self._pending_ids)
+                self._spool.truncate()
+                self._pending, self._pending_ids = [], []
             self._last_flush = time.monotonic()
-            if pending:
-                self.written += self.warehouse.record_attempts(pending, self.run_id)
+
+    def close(self) -> None:
+        """Flush, then remove the spool file. If the flush raises, the spool file stays for the next run."""
+        self.flush()
+        self._spool.close()
+
+
+def spool_dir() -> Path:
+    return config.data_dir() / "spool"
+
+
+def recover_spooled_answers(warehouse: Warehouse) -> int:
+    """Load answers spooled by runs that died before storing them (idempotent). Returns answers loaded."""
+    loaded = 0
+    for path, records in orphans(spool_dir()):
+        by_run: dict[str | None, list[tuple[str, Attempt]]] = {}
+        for response_id, run_id, attempt in records:
+            by_run.setdefault(run_id, []).append((response_id, attempt))
+        for run_id, rows in by_run.items():
+            warehouse.record_attempts([a for _, a in rows], run_id, [i for i, _ in rows])
+            loaded += len(rows)
+        path.unlink(missing_ok=True)
+        log.warning("loaded %d answer(s) spooled by an interrupted run from %s", len(records), path.name)
+    return loaded
 
 
 @dataclass
@@ -74,6 +108,7 @@ class FetchSummary:
     failed: dict[WatchedItem, str] = field(default_factory=dict)  # item -> error text
     halted: list[WatchedItem] = field(default_factory=list)  # not called because the run halted
     calls: int = 0
+    recovered: int = 0  # answers of an interrupted earlier run loaded from the spool
     halt_error: ApiError | None = None
 
     @property
@@ -93,12 +128,21 @@ def fetch_items(
 ) -> FetchSummary:
     """Fetch items concurrently (bounded by settings.concurrency) and store every attempt verbatim.
 
-    Items with a successful response younger than `fresh_within` cost no call unless `force`.
+    Items with a successful response younger than `fresh_within` cost no call unless `force`; an item this run
+    already landed (a retried step) never costs a second call.
     """
     summary = FetchSummary(requested=len(items))
-    fresh: set[WatchedItem] = set()
-    if not force and fresh_within is not None and items:
-        fresh = warehouse.fetched_since(items, datetime.now(timezone.utc) - fresh_within)
+    # Answers a killed run paid for count before anything else: they may make items fresh.
+    summary.recovered = recover_spooled_answers(warehouse)
+    halt = halt if halt is not None else PersistentHalt(run_id)
+    if halt.is_set:  # halted by an earlier run: no call at all
+        summary.halt_error = halt.error
+        summary.halted = list(items)
+        for item in items:
+            _report(item, "halted")
+        return summary
+    since = None if force or fresh_within is None else datetime.now(timezone.utc) - fresh_within
+    fresh = warehouse.fetched_since(items, since, run_id)
     summary.skipped_fresh = [i for i in items if i in fresh]
     for item in summary.skipped_fresh:
         _report(item, "fresh")
@@ -120,7 +164,7 @@ def fetch_items(
     try:
         results = asyncio.run(run())
     finally:
-        sink.flush()  # whatever happened, every paid answer received is stored
+        sink.close()  # whatever happened, every paid answer received is stored (or left in the spool)
     for result in results:
         summary.calls += len(result.attempts)
         if result.ok:
@@ -130,9 +174,7 @@ def fetch_items(
             _report(result.item, "halted")
         else:
             summary.failed[result.item] = str(result.error)
-        if result.error is not None and result.error.outcome in (Outcome.QUOTA, Outcome.AUTH, Outcome.CONFIG):
-            summary.halt_error = summary.halt_error or result.error
-    if halt is not None and halt.is_set and summary.halt_error is None:
+    if halt.is_set:  # the first error that halted calls (this run's, or another run's via the halt file)
         summary.halt_error = halt.error
     return summary
 

@@ -6,6 +6,7 @@ Each asset is a thin call into tmapi_assets.pipeline / warehouse. A run covers m
 
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 
 from dagster import (
@@ -23,9 +24,10 @@ from dagster import (
     multi_asset,
 )
 
-from tmapi_assets import pipeline
+from tmapi_assets import config, pipeline
 from tmapi_assets.defs.partitions import items_of, watched_items
 from tmapi_assets.defs.resources import TmapiApiResource, WarehouseResource
+from tmapi_assets.errors import TmapiError, WarehouseLockedError
 
 KEY_PREFIX = "tmapi"
 API_POOL = "tmapi_api"
@@ -33,12 +35,31 @@ FORCE_TAG = "tmapi/force"  # set to "true" on a run (UI launchpad or `refresh --
 PARTITIONS_PER_RUN = int(os.environ.get("TMAPI_PARTITIONS_PER_RUN", "200"))
 
 backfill_policy = BackfillPolicy.multi_run(max_partitions_per_run=PARTITIONS_PER_RUN)
+# Whole-step retries (single API calls are retried inside the client): waits of ~d, 3d, 7d seconds with jitter.
+step_retry_policy = RetryPolicy(
+    max_retries=3,
+    delay=float(os.environ.get("TMAPI_STEP_RETRY_DELAY_S", "10")),
+    backoff=Backoff.EXPONENTIAL,
+    jitter=Jitter.PLUS_MINUS,
+)
 
 RAW = AssetKey([KEY_PREFIX, "raw_responses"])
 ITEM_STATISTICS = AssetKey([KEY_PREFIX, "item_statistics"])
 SALES_TREND = AssetKey([KEY_PREFIX, "sales_trend_daily"])
 PRICE_TREND = AssetKey([KEY_PREFIX, "price_trend_daily"])
 KPIS = AssetKey([KEY_PREFIX, "item_kpis"])
+
+
+@contextmanager
+def retry_only_transient():
+    """The step RetryPolicy is for transient faults only: a DuckDB file locked by another process (or an unexpected
+    error, which may be one). Our own errors that retrying cannot fix fail the step at once, with their message."""
+    try:
+        yield
+    except WarehouseLockedError:
+        raise  # retried by the RetryPolicy, with backoff and jitter
+    except TmapiError as exc:
+        raise Failure(description=str(exc), allow_retries=False) from exc
 
 
 def _short_list(values, limit: int = 20) -> str:
@@ -53,7 +74,7 @@ def _short_list(values, limit: int = 20) -> str:
     pool=API_POOL,
     # Single calls are retried inside the client (per item); this policy covers whole-step faults such as a
     # DuckDB file locked by another process. Halts (quota, credentials) raise Failure(allow_retries=False).
-    retry_policy=RetryPolicy(max_retries=3, delay=10, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS),
+    retry_policy=step_retry_policy,
     description="Every TMAPI sales-statistics response, verbatim and append-only (table tmapi.raw_responses). "
     "Items fetched successfully within the freshness window are skipped unless the run has tag tmapi/force=true.",
     kinds={"duckdb", "api"},
@@ -63,14 +84,17 @@ def raw_responses(
 ) -> MaterializeResult:
     items = items_of(context.partition_keys)
     force = context.run.tags.get(FORCE_TAG, "").lower() in ("1", "true", "yes")
-    summary = pipeline.fetch_items(
-        items,
-        settings=tmapi_api.client_settings(),
-        warehouse=warehouse.warehouse(),
-        run_id=context.run.run_id,
-        force=force,
-        fresh_within=timedelta(hours=tmapi_api.fresh_within_hours),
-    )
+    with retry_only_transient():
+        summary = pipeline.fetch_items(
+            items,
+            settings=tmapi_api.client_settings(),
+            warehouse=warehouse.warehouse(),
+            run_id=context.run.run_id,
+            force=force,
+            fresh_within=timedelta(hours=tmapi_api.fresh_within_hours),
+        )
+    if summary.recovered:
+        context.log.warning(f"loaded {summary.recovered} answer(s) spooled by an interrupted earlier run")
     for item, error in list(summary.failed.items())[:50]:
         context.log.warning(error)
     metadata = {
@@ -103,12 +127,13 @@ def raw_responses(
     ],
     partitions_def=watched_items,
     backfill_policy=backfill_policy,
-    retry_policy=RetryPolicy(max_retries=3, delay=10, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS),
+    retry_policy=step_retry_policy,
 )
 def normalised_tables(context: AssetExecutionContext, warehouse: WarehouseResource):
     """Parse the newest successful stored response of each item (never calls the API)."""
     items = items_of(context.partition_keys)
-    summary = pipeline.normalise_items(warehouse.warehouse(), items)
+    with retry_only_transient():
+        summary = pipeline.normalise_items(warehouse.warehouse(), items)
     for error in list(summary.parse_errors.values())[:50]:
         context.log.error(error)
     if summary.missing:
@@ -125,11 +150,15 @@ def normalised_tables(context: AssetExecutionContext, warehouse: WarehouseResour
     deps=[ITEM_STATISTICS, SALES_TREND, PRICE_TREND],
     partitions_def=watched_items,
     backfill_policy=backfill_policy,
-    retry_policy=RetryPolicy(max_retries=3, delay=10, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS),
+    retry_policy=step_retry_policy,
     description="Per-item KPIs computed in SQL (tmapi_assets/warehouse/kpis.sql) over all stored history.",
     kinds={"duckdb"},
 )
 def item_kpis(context: AssetExecutionContext, warehouse: WarehouseResource) -> MaterializeResult:
-    count = warehouse.warehouse().refresh_kpis(items_of(context.partition_keys))
-    return MaterializeResult(metadata={"items": count})
+    with retry_only_transient():
+        count = warehouse.warehouse().refresh_kpis(items_of(context.partition_keys))
+        read_copy = config.read_copy_path()
+        if read_copy is not None:  # readers use the copy, so they never hold the live file's lock
+            warehouse.warehouse().publish_read_copy(read_copy)
+    return MaterializeResult(metadata={"items": count, "read_copy": str(read_copy or "disabled")})
 

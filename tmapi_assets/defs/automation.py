@@ -25,6 +25,7 @@ from dagster import (
 from tmapi_assets import config
 from tmapi_assets.defs.assets import FORCE_TAG, PARTITIONS_PER_RUN
 from tmapi_assets.defs.partitions import watched_items
+from tmapi_assets.halt import read_halt
 from tmapi_assets.watchlist import read_watchlist
 
 CHINA = ZoneInfo("Asia/Shanghai")
@@ -79,6 +80,9 @@ def range_run_requests(
     description="Daily refresh of every watched item, in runs of up to TMAPI_PARTITIONS_PER_RUN items.",
 )
 def daily_refresh(context: ScheduleEvaluationContext):
+    halt = read_halt()
+    if halt is not None:
+        return SkipReason(halt.describe())
     keys = context.instance.get_dynamic_partitions(watched_items.name)
     if not keys:
         return SkipReason("the watchlist is empty: add items with `tmapi-assets watch add ITEM`")
@@ -111,6 +115,9 @@ def watchlist_sensor(context: SensorEvaluationContext):
         requests.append(watched_items.build_add_request(new))
     if removed:
         requests.append(watched_items.build_delete_request(removed))
+    halt = read_halt()
+    if halt is not None:  # keep the partitions in step, but request no fetch while calls are halted
+        return SensorResult(dynamic_partitions_requests=requests, skip_reason=halt.describe())
     # New keys are appended in this order, so they form contiguous ranges after the existing ones.
     future_keys = [k for k in existing if k not in set(removed)] + new
     return SensorResult(

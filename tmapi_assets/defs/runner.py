@@ -15,7 +15,8 @@ from tmapi_assets.defs import build_definitions
 from tmapi_assets.defs.assets import FORCE_TAG, PARTITIONS_PER_RUN
 from tmapi_assets.defs.automation import RANGE_END_TAG, RANGE_START_TAG, contiguous_ranges, refresh_job
 from tmapi_assets.defs.partitions import watched_items
-from tmapi_assets.errors import InvalidInputError, Outcome
+from tmapi_assets.errors import InvalidInputError, Outcome, RunHaltedError
+from tmapi_assets.halt import read_halt
 from tmapi_assets.ids import WatchedItem
 from tmapi_assets.warehouse import Warehouse
 from tmapi_assets.watchlist import read_watchlist
@@ -106,6 +107,9 @@ def refresh(items: list[WatchedItem] | None, *, force: bool = False, progress: b
     if not selected:
         raise InvalidInputError(f"the watchlist {config.watchlist_path()} is empty: `tmapi-assets watch add ITEM`")
 
+    halt = read_halt()
+    if halt is not None:
+        raise RunHaltedError(halt.describe(), outcome=Outcome(halt.outcome))
     instance = DagsterInstance.get()
     all_keys = sync_partitions(instance, wanted)
     job = build_definitions().resolve_job_def(refresh_job.name)  # resources from the environment now

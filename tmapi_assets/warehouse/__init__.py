@@ -155,10 +155,15 @@ class Warehouse:
             pass
 
     # ------------------------------------------------------------------ raw responses (and the cost ledger)
-    def record_attempts(self, attempts: Sequence[Attempt], run_id: str | None) -> int:
-        """Append HTTP attempts verbatim to tmapi.raw_responses, in one transaction. Returns rows written."""
+    def record_attempts(
+        self, attempts: Sequence[Attempt], run_id: str | None, response_ids: Sequence[str] | None = None
+    ) -> int:
+        """Append HTTP attempts verbatim to tmapi.raw_responses, in one transaction. Returns rows offered.
+
+        response_ids (from the spool) make this idempotent: a row already stored is not stored twice."""
         if not attempts:
             return 0
+        ids = list(response_ids) if response_ids is not None else [str(uuid.uuid4()) for _ in attempts]
         texts: list[str] = []
         exact: list[bytes | None] = []
         for attempt in attempts:
@@ -170,7 +175,7 @@ class Warehouse:
                 exact.append(bytes(attempt.body))
         frame = pd.DataFrame(
             {
-                "response_id": [getattr(a, "response_id", None) or str(uuid.uuid4()) for a in attempts],
+                "response_id": ids,
                 "run_id": [run_id] * len(attempts),
                 "item_id": pd.array([a.item.item_id for a in attempts], dtype="int64"),
                 "spec_id": [a.item.spec_id for a in attempts],
@@ -214,17 +219,21 @@ class Warehouse:
             for item_id, spec_id, response_id, fetched_at, body in rows
         ]
 
-    def fetched_since(self, items: Sequence[WatchedItem], since: datetime) -> set[WatchedItem]:
-        """Items with a successful response at or after `since` (the freshness skip)."""
-        if not items:
+    def fetched_since(
+        self, items: Sequence[WatchedItem], since: datetime | None, run_id: str | None = None
+    ) -> set[WatchedItem]:
+        """Items with a successful response at or after `since`, or made by run `run_id` (the freshness skip; a
+        forced run passes since=None and its own run id, so a retried step never pays twice for an item)."""
+        if not items or (since is None and run_id is None):
             return set()
         with self.connect() as conn:
             conn.register("scope", _items_frame(items))
             rows = conn.execute(
                 f"""SELECT DISTINCT item_id, spec_id FROM tmapi.raw_responses
                     SEMI JOIN scope USING (item_id, spec_id)
-                    WHERE outcome IN {_SUCCESS_OUTCOMES} AND fetched_at >= ?""",
-                [since],
+                    WHERE outcome IN {_SUCCESS_OUTCOMES}
+                      AND (fetched_at >= ? OR run_id = ?)""",
+                [since, run_id],
             ).fetchall()
         return {WatchedItem(item_id, spec_id) for item_id, spec_id in rows}
 
@@ -325,6 +334,29 @@ class Warehouse:
         )
         conn.execute(f"INSERT INTO tmapi.item_kpis BY NAME {_sql('kpis.sql')}")
         return conn.execute("SELECT count(*) FROM kpi_scope").fetchone()[0]
+
+    # ------------------------------------------------------------------ the read-only copy for BI tools and dbt
+    def publish_read_copy(self, target: str | os.PathLike[str]) -> Path:
+        """Write a consistent copy of the whole warehouse to `target`, atomically replacing the previous copy.
+
+        BI tools and dbt read the copy, never the live file, so they never block the pipeline's writes (DuckDB
+        allows one writing process, and a reader of the live file would hold a lock). A reader that has the old
+        copy open keeps reading it; the next open sees the new one.
+        """
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        staging.unlink(missing_ok=True)
+        try:
+            with self.connect() as conn:
+                conn.execute(f"ATTACH {_quote(str(staging))} AS published")
+                conn.execute(f"COPY FROM DATABASE {CATALOG} TO published")
+                conn.execute("DETACH published")
+            os.replace(staging, target)
+        finally:
+            staging.unlink(missing_ok=True)
+            Path(f"{staging}.wal").unlink(missing_ok=True)
+        return target
 
     # ------------------------------------------------------------------ reads for checks, CLI and tests
     def table_counts(self) -> dict[str, int]:
