@@ -108,8 +108,6 @@ def watchlist_sensor(context: SensorEvaluationContext):
     wanted_set = set(wanted)
     new = [k for k in wanted if k not in existing_set]
     removed = [k for k in existing if k not in wanted_set]
-    if not new and not removed:
-        return SkipReason(f"watchlist unchanged ({len(wanted)} items)")
     requests = []
     if new:
         requests.append(watched_items.build_add_request(new))
@@ -118,6 +116,8 @@ def watchlist_sensor(context: SensorEvaluationContext):
     halt = read_halt()
     if halt is not None:  # keep the partitions in step, but request no fetch while calls are halted
         return SensorResult(dynamic_partitions_requests=requests, skip_reason=halt.describe())
+    if not requests:
+        return SkipReason(f"watchlist unchanged ({len(wanted)} items)")
     # New keys are appended in this order, so they form contiguous ranges after the existing ones.
     future_keys = [k for k in existing if k not in set(removed)] + new
     return SensorResult(
