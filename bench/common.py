@@ -328,6 +328,21 @@ def dagster_runs(home: Path) -> dict[str, int]:
         return dict(Counter(r.status.value for r in instance.get_runs()))
 
 
+def dagster_events(home: Path, run_ids: list[str] | None = None) -> dict[str, int]:
+    """Event-log entries written by the runs (all runs of the instance when run_ids is None), by event type."""
+    from collections import Counter
+
+    from dagster import DagsterInstance
+
+    counts: Counter[str] = Counter()
+    with DagsterInstance.from_config(str(home)) as instance:
+        ids = run_ids if run_ids is not None else [r.run_id for r in instance.get_runs()]
+        for run_id in ids:
+            for entry in instance.all_logs(run_id):
+                counts[entry.dagster_event.event_type_value if entry.dagster_event else "LOG"] += 1
+    return dict(counts)
+
+
 # ------------------------------------------------------------------------------------------------ results
 
 

@@ -41,6 +41,7 @@ from bench.common import (
     Result,
     TreeSampler,
     append_markdown,
+    dagster_events,
     dagster_runs,
     exact_command,
     free_port,
@@ -118,6 +119,11 @@ def scenario_refresh(args, name: str, n: int, fault_rate: float, latency_ms: flo
             r.extra["in_process_s"] = float(match.group(3))
             r.notes.append(f"time inside the command (after Python/Dagster start-up) {match.group(3)} s; "
                            f"wall {m.wall_s:.1f} s")
+        events = dagster_events(ws.home)
+        r.extra["events"] = sum(events.values())
+        r.notes.append(f"Dagster event-log entries written: {sum(events.values())} "
+                       f"({sum(events.values()) / max(n, 1):.1f} per item; "
+                       + ", ".join(f"{k} {v}" for k, v in sorted(events.items(), key=lambda kv: -kv[1])[:4]) + ")")
         r.notes.append(f"exit code {m.rc}{' (TIMED OUT)' if m.timed_out else ''}; runs by status {runs}; "
                        f"ledger outcomes {led.by_outcome}; items landed more than once {led.landed_twice}; "
                        f"sandbox statuses {stats['by_status']}")
@@ -282,6 +288,10 @@ def scenario_backfill(args, name: str, parts: int) -> list[Result]:
             f"started {first_start - t0:.1f} s after the launch (backfill daemon loop); backfill status {statuses}; "
             f"runs by status {by_status}; ledger outcomes {led.by_outcome}; items landed more than once "
             f"{led.landed_twice}; sandbox statuses {stats['by_status']}")
+        events = dagster_events(ws.home, [rec.dagster_run.run_id for rec in records])
+        r.notes.append(f"Dagster event-log entries written by the backfill's runs: {sum(events.values())} "
+                       f"({sum(events.values()) / max(n, 1):.1f} per item; "
+                       + ", ".join(f"{k} {v}" for k, v in sorted(events.items(), key=lambda kv: -kv[1])[:4]) + ")")
         top = "; ".join(f"{mb:.0f} MB {cmd[:90]}" for mb, cmd in sampler.top(3))
         r.notes.append(f"RSS is the whole `dagster dev` tree (webserver, daemon, code server, run workers); top: {top}")
         r2 = Result(f"{name} (excl. daemon wait)", n, n, latency, c, last_end - first_create, **common)
@@ -424,7 +434,7 @@ def _targets(results: list[Result], args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=1000, help="items (default 1000)")
+    p.add_argument("--n", type=int, default=None, help="items (default 1000; 200 with --quick)")
     p.add_argument("--latency-ms", type=float, default=200.0, help="sandbox latency per call (default 200)")
     p.add_argument("--concurrency", type=int, default=8, help="sandbox cap C = TMAPI_CONCURRENCY (default 8)")
     p.add_argument("--fault-rate", type=float, default=0.0,
@@ -437,15 +447,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-latency-ms", type=float, default=5.0, help="sandbox latency of rss-scan (default 5)")
     p.add_argument("--subset-serial", type=int, default=50)
     p.add_argument("--subset-dlt", type=int, default=50)
-    p.add_argument("--subset-partitions", type=int, default=5)
+    p.add_argument("--subset-partitions", type=int, default=3)
     p.add_argument("--per-partition-select", default="tmapi/raw_responses*",
                    help="asset selection of dagster-per-partition (default: raw and everything downstream)")
     p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
     p.add_argument("--keep", action="store_true", help="keep the scenarios' temp data dirs")
     args = p.parse_args(argv)
+    if args.n is None:
+        args.n = 200 if args.quick else 1000
     if args.quick:
-        if "--n" not in (argv if argv is not None else sys.argv[1:]):
-            args.n = 200
         args.subset_serial, args.subset_dlt, args.subset_partitions = 10, 10, 2
     scenarios = [s.strip() for s in args.only.split(",") if s.strip()] or list(DEFAULT)
     if args.rss_scan and "rss-scan" not in scenarios:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import duckdb
@@ -141,7 +142,8 @@ def test_a_halt_in_one_run_stops_another_run_within_one_call(project, sandbox_ap
     results_b, result_a = asyncio.run(both())
     assert result_a.outcome == Outcome.QUOTA
     assert len(calls_after_halt) <= 1  # at most the call that was already in flight
-    assert sum(1 for r in results_b if r.halted) >= 30
+    halted_b = [r for r in results_b if r.halted]
+    assert halted_b and all(not r.attempts for r in halted_b[1:])  # stopped mid-run; later items were never called
     assert all("halted" in str(r.error) for r in results_b if r.halted)
 
 
@@ -170,6 +172,26 @@ def consistent_snapshot(db: Path) -> dict[str, int]:
     return counts
 
 
+def kill_phase(project: Path, batch: list[WatchedItem]) -> str:
+    """How far this round's items got: none fetched / some fetched / all fetched / normalised / KPIs."""
+    spooled = sum(1 for path in (project / "spool").glob("*.jsonl") for _ in path.open("rb"))
+    conn = duckdb.connect()
+    conn.execute(f"ATTACH '{project / 'tmapi.duckdb'}' AS wh (READ_ONLY)")
+    ids = [i.item_id for i in batch]
+    raw, stats, kpis = (conn.execute(f"SELECT count(DISTINCT item_id) FROM wh.tmapi.{t} WHERE list_contains(?, item_id)",
+                                     [ids]).fetchone()[0] for t in ("raw_responses", "item_statistics", "item_kpis"))
+    conn.close()
+    if kpis == len(batch):
+        return "done"
+    if stats == len(batch):
+        return "after trends, before KPIs"
+    if raw == len(batch):
+        return "after raw, before trends"
+    if raw or spooled:
+        return "during fetch"
+    return "before fetch"
+
+
 @pytest.mark.timeout(600)
 def test_sigkill_at_20_random_moments_loses_nothing_and_lands_every_item_once(tmp_path):
     """Each round adds new items and kills `tmapi-assets refresh` with SIGKILL at a random moment (start-up, fetch,
@@ -182,21 +204,31 @@ def test_sigkill_at_20_random_moments_loses_nothing_and_lands_every_item_once(tm
         (tmp_path / "dagster_home").mkdir()
         (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         watched: list[WatchedItem] = []
-        killed = 0
+        killed, phases = 0, []
         for round_no in range(20):
             new = items(4, start=1000 + 10 * round_no)
             add_items(tmp_path / "watchlist.csv", new)
             watched += new
             proc = subprocess.Popen([sys.executable, "-m", "tmapi_assets.cli", "refresh", "--quiet"], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            time.sleep(rng.uniform(1.0, 4.5))
+            if round_no % 4 == 0:
+                time.sleep(rng.uniform(0.5, 3.0))  # during start-up
+            else:  # from the moment the API calls begin (the spool file appears): fetch, writes, trends, KPIs
+                deadline = time.monotonic() + 120
+                while proc.poll() is None and time.monotonic() < deadline and not any(
+                        (tmp_path / "spool").glob(f"{proc.pid}-*.jsonl")):
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 2.5))
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed += 1
             proc.wait()
             if (tmp_path / "tmapi.duckdb").exists():
                 consistent_snapshot(tmp_path / "tmapi.duckdb")
+                phases.append(kill_phase(tmp_path, new))
         assert killed >= 10  # most rounds were really interrupted
+        print("phase reached by each round's items when killed:", dict(Counter(phases)))
+        assert len(set(phases)) >= 2  # the kills fell in different phases
 
         final = subprocess.run([sys.executable, "-m", "tmapi_assets.cli", "refresh", "--quiet"], env=env,
                                capture_output=True, text=True, timeout=300)

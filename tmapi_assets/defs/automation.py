@@ -5,11 +5,16 @@ PARTITIONS_PER_RUN keys each: a refresh of N items launches ceil(N / PARTITIONS_
 """
 
 
+import os
+import socket
 from collections.abc import Sequence
 from zoneinfo import ZoneInfo
 
 from dagster import (
     AssetSelection,
+    DagsterInstance,
+    DagsterRunStatus,
+    RunsFilter,
     DefaultScheduleStatus,
     DefaultSensorStatus,
     RunRequest,
@@ -31,6 +36,7 @@ from tmapi_assets.watchlist import read_watchlist
 CHINA = ZoneInfo("Asia/Shanghai")
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
+LAUNCHED_BY_TAG, PID_TAG, HOST_TAG = "tmapi/launched_by", "tmapi/pid", "tmapi/host"
 
 refresh_job = define_asset_job(
     "refresh_watched_items",
@@ -72,6 +78,38 @@ def range_run_requests(
     return requests
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_dead_cli_runs(instance: DagsterInstance) -> list[str]:
+    """Mark runs whose CLI process was killed as failed and free their pool slots.
+
+    An in-process run killed with SIGKILL stays STARTED for ever and keeps its slot in the tmapi_api pool, which
+    would block every later run's API step. No daemon watches CLI processes, so each refresh (and the watchlist
+    sensor) checks: a run launched here whose process is gone is dead.
+    """
+    reaped = []
+    records = instance.get_run_records(
+        filters=RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING],
+                           tags={LAUNCHED_BY_TAG: "cli", HOST_TAG: socket.gethostname()}),
+    )
+    for record in records:
+        run = record.dagster_run
+        pid = int(run.tags.get(PID_TAG, "0") or 0)
+        if pid and pid != os.getpid() and not _alive(pid):
+            instance.report_run_failed(run, message=f"the refresh process (PID {pid}) was killed; marked failed")
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            reaped.append(run.run_id)
+    return reaped
+
+
 @schedule(
     job=refresh_job,
     cron_schedule="0 6 * * *",
@@ -99,6 +137,8 @@ def daily_refresh(context: ScheduleEvaluationContext):
     "removes partitions of items taken off it (their stored history stays in DuckDB).",
 )
 def watchlist_sensor(context: SensorEvaluationContext):
+    for run_id in reap_dead_cli_runs(context.instance):
+        context.log.warning(f"run {run_id}: its `tmapi-assets refresh` process was killed; marked failed")
     watchlist = read_watchlist(config.watchlist_path())
     for problem in watchlist.problems:
         context.log.warning(problem)

@@ -3,6 +3,8 @@ same instance (run history, partitions), executed in this process over contiguou
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,7 +15,16 @@ from tqdm import tqdm
 from tmapi_assets import config, pipeline
 from tmapi_assets.defs import build_definitions
 from tmapi_assets.defs.assets import FORCE_TAG, PARTITIONS_PER_RUN
-from tmapi_assets.defs.automation import RANGE_END_TAG, RANGE_START_TAG, contiguous_ranges, refresh_job
+from tmapi_assets.defs.automation import (
+    HOST_TAG,
+    LAUNCHED_BY_TAG,
+    PID_TAG,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    contiguous_ranges,
+    reap_dead_cli_runs,
+    refresh_job,
+)
 from tmapi_assets.defs.partitions import watched_items
 from tmapi_assets.errors import InvalidInputError, Outcome, RunHaltedError
 from tmapi_assets.halt import read_halt
@@ -111,6 +122,7 @@ def refresh(items: list[WatchedItem] | None, *, force: bool = False, progress: b
     if halt is not None:
         raise RunHaltedError(halt.describe(), outcome=Outcome(halt.outcome))
     instance = DagsterInstance.get()
+    reap_dead_cli_runs(instance)
     all_keys = sync_partitions(instance, wanted)
     job = build_definitions().resolve_job_def(refresh_job.name)  # resources from the environment now
     run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -125,7 +137,8 @@ def refresh(items: list[WatchedItem] | None, *, force: bool = False, progress: b
     pipeline.set_progress_listener(on_item)
     try:
         for first, last in contiguous_ranges(all_keys, selected, PARTITIONS_PER_RUN):
-            tags = {RANGE_START_TAG: first, RANGE_END_TAG: last, "tmapi/launched_by": "cli"}
+            tags = {RANGE_START_TAG: first, RANGE_END_TAG: last, LAUNCHED_BY_TAG: "cli",
+                    PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
             if force:
                 tags[FORCE_TAG] = "true"
             result = job.execute_in_process(instance=instance, tags=tags, run_config=run_config, raise_on_error=False)

@@ -1,0 +1,266 @@
+"""Warehouse speed (issue 3, point 7): `python -m bench.warehouse [--responses 10000] [--days 365]`.
+
+(i) Load: R synthetic successful responses (the sandbox's own bodies: 30 sales rows + 29 price rows each) are stored
+    as raw rows with `Warehouse.record_attempts`, then the project's path `pipeline.normalise_items(warehouse)` (read
+    the newest success per item back, parse, bulk upsert statistics + sales + prices) is timed, and compared with the
+    cheapest load of exactly the same rows: in a fresh DuckDB file with the same DDL (schema.sql, keys included),
+    already-typed staging tables in memory, then one `INSERT INTO ... SELECT` per table in one transaction.
+    A second normalise over the loaded tables (every row conflicts: the real upsert) is timed too, against
+    `INSERT ... ON CONFLICT DO UPDATE` from the same staging tables.
+(ii) KPIs: sales_trend_daily and price_trend_daily filled in SQL with R items x D days; `Warehouse.refresh_kpis()`
+    (all items) against one plain `SELECT item_id, spec_id, sum(sales_quantity), count(*) ... GROUP BY ALL` over
+    the sales table. Each is run 3 times; medians are compared.
+Targets: normalise + upsert <= 2x the plain bulk insert; KPI recompute <= 2x the plain scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import duckdb
+
+from bench.common import append_markdown, exact_command, item_keys, log
+from tmapi_assets import pipeline
+from tmapi_assets.client import Attempt
+from tmapi_assets.errors import Outcome
+from tmapi_assets.ids import WatchedItem
+from tmapi_assets.sandbox.app import success_body
+from tmapi_assets.warehouse import Warehouse
+
+SCHEMA_SQL = Path(sys.modules["tmapi_assets.warehouse"].__file__).with_name("schema.sql")
+WINDOW_END = date(2025, 7, 23)  # fixed: the same bodies every run
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def bench_load(tmp: Path, responses: int) -> dict:
+    keys = item_keys(responses)
+    log(f"load: generating {responses} synthetic response bodies")
+    t_gen, bodies = _timed(lambda: [success_body(k, "", WINDOW_END) for k in keys])
+    now = datetime.now(timezone.utc)
+    attempts = [
+        Attempt(item=WatchedItem(int(k)), attempt=1, fetched_at=now, elapsed_ms=200.0, http_status=200,
+                api_code=200, outcome=Outcome.SUCCESS, body=b,
+                request_url=f"http://127.0.0.1:8765/1688/item/statistics/sales?item_id={k}", message="success")
+        for k, b in zip(keys, bodies)
+    ]
+    del bodies
+    project = Warehouse(tmp / "project.duckdb")
+    project.ensure_schema()
+
+    def store() -> int:
+        return sum(project.record_attempts(attempts[i : i + 1000], "bench-warehouse")
+                   for i in range(0, len(attempts), 1000))
+
+    t_store, stored = _timed(store)
+    del attempts
+    log(f"load: stored {stored} raw rows in {t_store:.1f} s; timing normalise_items (first load)")
+    t_norm, summary = _timed(lambda: pipeline.normalise_items(project))
+    log(f"load: normalise_items {t_norm:.2f} s ({summary.items} items, {summary.sales_rows} sales rows, "
+        f"{summary.price_rows} price rows); again over the loaded tables (every row an update)")
+    t_renorm, summary2 = _timed(lambda: pipeline.normalise_items(project))
+
+    plain_path = tmp / "plain.duckdb"
+    conn = duckdb.connect(str(plain_path))
+    try:
+        conn.execute("SET TimeZone = 'UTC'")
+        conn.execute(SCHEMA_SQL.read_text(encoding="utf-8"))
+        conn.execute(f"ATTACH '{tmp / 'project.duckdb'}' AS proj (READ_ONLY)")
+        for table, staged in (("item_statistics", "staged_stats"), ("sales_trend_daily", "staged_sales"),
+                              ("price_trend_daily", "staged_prices")):
+            conn.execute(f"CREATE TEMP TABLE {staged} AS SELECT * FROM proj.tmapi.{table}")
+        conn.execute("DETACH proj")
+        counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                  for t in ("staged_stats", "staged_sales", "staged_prices")}
+
+        def plain_insert() -> None:
+            conn.execute("BEGIN TRANSACTION")
+            conn.execute("INSERT INTO tmapi.item_statistics SELECT * FROM staged_stats")
+            conn.execute("INSERT INTO tmapi.sales_trend_daily SELECT * FROM staged_sales")
+            conn.execute("INSERT INTO tmapi.price_trend_daily SELECT * FROM staged_prices")
+            conn.execute("COMMIT")
+
+        log("load: plain INSERT INTO ... SELECT of the same rows into a fresh file")
+        t_plain, _ = _timed(plain_insert)
+
+        def plain_upsert() -> None:
+            conn.execute("BEGIN TRANSACTION")
+            conn.execute("""INSERT INTO tmapi.item_statistics SELECT * FROM staged_stats
+                            ON CONFLICT DO UPDATE SET fetched_at = excluded.fetched_at,
+                                                      updated_at = excluded.updated_at""")
+            conn.execute("""INSERT INTO tmapi.sales_trend_daily SELECT * FROM staged_sales
+                            ON CONFLICT DO UPDATE SET sales_quantity = excluded.sales_quantity,
+                                order_quantity = excluded.order_quantity, fetched_at = excluded.fetched_at""")
+            conn.execute("""INSERT INTO tmapi.price_trend_daily SELECT * FROM staged_prices
+                            ON CONFLICT DO UPDATE SET price_min = excluded.price_min,
+                                price_max = excluded.price_max, fetched_at = excluded.fetched_at""")
+            conn.execute("COMMIT")
+
+        t_plain_upsert, _ = _timed(plain_upsert)
+        # the sales rows alone (the "300,000 trend rows" of the issue), into an emptied table
+        conn.execute("DELETE FROM tmapi.sales_trend_daily")
+        conn.execute("CHECKPOINT")
+        t_plain_sales, _ = _timed(lambda: conn.execute(
+            "INSERT INTO tmapi.sales_trend_daily SELECT * FROM staged_sales"))
+    finally:
+        conn.close()
+    return {
+        "responses": responses, "generate_s": t_gen, "store_raw_s": t_store,
+        "normalise_s": t_norm, "renormalise_s": t_renorm,
+        "plain_insert_s": t_plain, "plain_upsert_s": t_plain_upsert, "plain_sales_only_s": t_plain_sales,
+        "items": summary.items, "sales_rows": summary.sales_rows, "price_rows": summary.price_rows,
+        "parse_errors": len(summary.parse_errors) + len(summary2.parse_errors), "staged": counts,
+    }
+
+
+def bench_kpis(tmp: Path, items: int, days: int, repeats: int = 3) -> dict:
+    path = tmp / "kpis.duckdb"
+    wh = Warehouse(path)
+    log(f"kpis: filling {items} items x {days} days of sales and prices in SQL")
+    with wh.connect() as conn:
+        conn.execute(f"""INSERT INTO tmapi.item_statistics (item_id, spec_id, has_data, publish_time,
+                             sales_quantity_30days, sales_rows, price_rows, duplicate_dates, response_id,
+                             fetched_at, updated_at)
+                         SELECT 1688000000000 + i, '', true, TIMESTAMPTZ '2023-03-01 02:00:00+00' + i * INTERVAL 1 MINUTE,
+                                0, 30, 29, 0, 'bench-' || i, now(), now()
+                         FROM range({items}) t(i)""")
+        conn.execute(f"""INSERT INTO tmapi.sales_trend_daily
+                         SELECT 1688000000000 + i, '', DATE '{WINDOW_END}' - {days - 1} + d::INTEGER,
+                                (hash(i, d) % 500)::BIGINT AS s, (hash(i, d, 1) % 100)::BIGINT, now()
+                         FROM range({items}) t(i), range({days}) u(d)""")
+        conn.execute(f"""INSERT INTO tmapi.price_trend_daily
+                         SELECT 1688000000000 + i, '', DATE '{WINDOW_END}' - {days - 1} + d::INTEGER,
+                                CAST(1 + (hash(i, d // 20) % 100000) / 100.0 AS DECIMAL(18, 4)),
+                                CAST(2 + (hash(i, d // 20) % 100000) / 100.0 AS DECIMAL(18, 4)), now()
+                         FROM range({items}) t(i), range({days}) u(d)""")
+        conn.execute("CHECKPOINT")
+        rows = conn.execute("SELECT count(*) FROM tmapi.sales_trend_daily").fetchone()[0]
+    kpi_times, scan_times = [], []
+    kpi_rows = 0
+
+    def connect_only() -> None:
+        with wh.connect():
+            pass
+
+    t_connect = min(_timed(connect_only)[0] for _ in range(3))
+    for k in range(repeats):
+        t, kpi_rows = _timed(lambda: wh.refresh_kpis())
+        kpi_times.append(t)
+        conn = duckdb.connect()
+        try:
+            conn.execute(f"ATTACH '{path}' AS wh (READ_ONLY)")
+            t, out = _timed(lambda: conn.execute(
+                "SELECT item_id, spec_id, sum(sales_quantity), count(*) FROM wh.tmapi.sales_trend_daily "
+                "GROUP BY ALL").fetchall())
+            scan_times.append(t)
+        finally:
+            conn.close()
+        log(f"kpis: round {k + 1}: refresh_kpis {kpi_times[-1]:.2f} s, plain GROUP BY {scan_times[-1]:.2f} s")
+    return {"items": items, "days": days, "sales_rows": rows, "kpi_rows": kpi_rows,
+            "refresh_kpis_s": statistics.median(kpi_times), "scan_s": statistics.median(scan_times),
+            "refresh_kpis_all": kpi_times, "scan_all": scan_times, "connect_s": t_connect}
+
+
+def report(load: dict | None, kpis: dict | None) -> tuple[str, str]:
+    """(text, markdown)"""
+    lines, md = [], []
+    if load:
+        ratio = load["normalise_s"] / load["plain_insert_s"]
+        ratio2 = load["renormalise_s"] / load["plain_upsert_s"]
+        lines += [
+            f"load of {load['responses']} stored responses ({load['items']} items, {load['sales_rows']} sales rows, "
+            f"{load['price_rows']} price rows; parse errors {load['parse_errors']}):",
+            f"  project normalise_items (read back + parse + bulk upsert), first load   {load['normalise_s']:8.2f} s",
+            f"  plain INSERT INTO ... SELECT of the same rows (3 tables, fresh file)       {load['plain_insert_s']:8.2f} s"
+            f"   ratio {ratio:.1f}x (target <= 2x)",
+            f"  project normalise_items again (every row an update)                     {load['renormalise_s']:8.2f} s",
+            f"  plain INSERT ... ON CONFLICT DO UPDATE of the same rows                 {load['plain_upsert_s']:8.2f} s"
+            f"   ratio {ratio2:.1f}x",
+            f"  (plain INSERT of the {load['sales_rows']} sales rows alone {load['plain_sales_only_s']:.2f} s; "
+            f"generating bodies {load['generate_s']:.1f} s; storing raw rows with record_attempts "
+            f"{load['store_raw_s']:.1f} s, not compared)",
+        ]
+        md += [
+            f"Load: {load['responses']} stored responses = {load['sales_rows']} sales + {load['price_rows']} price "
+            f"rows + {load['items']} statistics rows.", "",
+            "| path | s | ratio |", "|---|---|---|",
+            f"| `pipeline.normalise_items` (read back + parse + upsert), empty tables | {load['normalise_s']:.2f} | "
+            f"{ratio:.1f}x |",
+            f"| plain `INSERT INTO … SELECT` from typed staging tables, same rows, same DDL | "
+            f"{load['plain_insert_s']:.2f} | 1x |",
+            f"| `pipeline.normalise_items` again (every row conflicts) | {load['renormalise_s']:.2f} | {ratio2:.1f}x |",
+            f"| plain `INSERT … ON CONFLICT DO UPDATE`, same rows | {load['plain_upsert_s']:.2f} | 1x |",
+            "",
+            f"Not compared: generating the bodies {load['generate_s']:.1f} s; `record_attempts` of the raw rows "
+            f"{load['store_raw_s']:.1f} s; plain INSERT of the sales rows alone {load['plain_sales_only_s']:.2f} s.",
+            "",
+        ]
+    if kpis:
+        ratio = kpis["refresh_kpis_s"] / kpis["scan_s"]
+        lines += [
+            f"KPIs over {kpis['items']} items x {kpis['days']} days ({kpis['sales_rows']} sales rows, same in prices):",
+            f"  Warehouse.refresh_kpis() (all items)              {kpis['refresh_kpis_s']:8.2f} s  "
+            f"(runs {', '.join(f'{t:.2f}' for t in kpis['refresh_kpis_all'])})",
+            f"  plain SELECT ... sum(), count(*) ... GROUP BY ALL {kpis['scan_s']:8.2f} s  "
+            f"(runs {', '.join(f'{t:.2f}' for t in kpis['scan_all'])})   ratio {ratio:.1f}x (target <= 2x)",
+            f"  (of which opening a Warehouse connection, fixed cost: {kpis['connect_s']:.3f} s)",
+        ]
+        md += [
+            f"KPIs: {kpis['items']} items × {kpis['days']} days ({kpis['sales_rows']} rows in each trend table), "
+            "median of 3.", "",
+            "| path | s | ratio |", "|---|---|---|",
+            f"| `Warehouse.refresh_kpis()` (all items; {kpis['kpi_rows']} KPI rows) | {kpis['refresh_kpis_s']:.2f} | "
+            f"{ratio:.1f}x |",
+            f"| plain `SELECT item_id, spec_id, sum(sales_quantity), count(*) … GROUP BY ALL` | {kpis['scan_s']:.2f} "
+            "| 1x |", "",
+            f"`refresh_kpis` includes opening a Warehouse connection (ATTACH; fixed cost {kpis['connect_s']:.3f} s).",
+            "",
+        ]
+    return "\n".join(lines), "\n".join(md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.warehouse", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--responses", type=int, default=10_000, help="stored responses = KPI items (default 10000)")
+    p.add_argument("--days", type=int, default=365, help="days of history per item for the KPI bench (365)")
+    p.add_argument("--quick", action="store_true", help="1000 responses, 90 days")
+    p.add_argument("--only", choices=["load", "kpis"], default=None)
+    p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
+    p.add_argument("--markdown-out", default=None, help="also write the markdown results to this file")
+    p.add_argument("--keep", action="store_true", help="keep the temp DuckDB files")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.responses, args.days = 1000, 90
+    tmp = Path(tempfile.mkdtemp(prefix="tmapi-bench-warehouse-"))
+    started = time.monotonic()
+    try:
+        load = bench_load(tmp, args.responses) if args.only in (None, "load") else None
+        kpis = bench_kpis(tmp, args.responses, args.days) if args.only in (None, "kpis") else None
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    text, md = report(load, kpis)
+    print("\n" + "=" * 100 + "\nwarehouse benchmark\n" + text, flush=True)
+    md_section = f"### Warehouse (`bench.warehouse`)\n\n{md}"
+    if args.markdown_out:
+        Path(args.markdown_out).write_text(md_section + "\n", encoding="utf-8")
+    if args.record:
+        append_markdown("warehouse benchmark (bench.warehouse)", exact_command("bench.warehouse"),
+                        f"Took {(time.monotonic() - started) / 60:.1f} min.\n\n{md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
