@@ -119,19 +119,22 @@ def watch_list() -> None:
 @click.argument("items", nargs=-1)
 @click.option("--force", is_flag=True, help="call the API even for items fetched within the freshness window")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def refresh(items: tuple[str, ...], force: bool, quiet: bool) -> None:
+@click.option("--verbose", is_flag=True, help="Dagster's event log on the console (DEBUG)")
+def refresh(items: tuple[str, ...], force: bool, quiet: bool, verbose: bool) -> None:
     """Materialise raw -> trends -> KPIs through Dagster, in-process, for ITEMs (default: the whole watchlist)."""
-    code = run_refresh(_parse_items(items) if items else None, force=force, quiet=quiet)
+    code = run_refresh(_parse_items(items) if items else None, force=force, quiet=quiet, verbose=verbose)
     sys.exit(code)
 
 
-def run_refresh(items: list[WatchedItem] | None, *, force: bool = False, quiet: bool = False) -> int:
+def run_refresh(items: list[WatchedItem] | None, *, force: bool = False, quiet: bool = False,
+                verbose: bool = False) -> int:
     """Run the refresh job over contiguous partition ranges; print a summary; return the exit code."""
     from tmapi_assets.defs import runner as refresh_runner
 
     _prepare_dagster_home()
     try:
-        outcome = refresh_runner.refresh(items, force=force, progress=not quiet)
+        outcome = refresh_runner.refresh(items, force=force, progress=not quiet,
+                                         log_level="DEBUG" if verbose else "WARNING")
     except TmapiError as exc:
         click.echo(f"error: {exc}", err=True)
         return 2

@@ -99,7 +99,9 @@ def sync_partitions(instance: DagsterInstance, wanted: list[str]) -> list[str]:
     return instance.get_dynamic_partitions(watched_items.name)
 
 
-def refresh(items: list[WatchedItem] | None, *, force: bool = False, progress: bool = True) -> RefreshOutcome:
+def refresh(
+    items: list[WatchedItem] | None, *, force: bool = False, progress: bool = True, log_level: str = "WARNING"
+) -> RefreshOutcome:
     started = time.monotonic()
     outcome = RefreshOutcome()
     watchlist = read_watchlist(config.watchlist_path())
@@ -125,7 +127,7 @@ def refresh(items: list[WatchedItem] | None, *, force: bool = False, progress: b
     reap_dead_cli_runs(instance)
     all_keys = sync_partitions(instance, wanted)
     job = build_definitions().resolve_job_def(refresh_job.name)  # resources from the environment now
-    run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
 
     # disable=None: a bar on a terminal, nothing in CI logs.
     bar = tqdm(total=len(selected), unit="item", disable=None if progress else True)
