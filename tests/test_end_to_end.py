@@ -168,3 +168,20 @@ def test_contiguous_ranges_chunk_and_split():
     assert contiguous_ranges(keys, ["101", "102", "105", "109", "999"], 10) == [("101", "102"), ("105", "105"),
                                                                               ("109", "109")]
     assert contiguous_ranges(keys, [], 4) == []
+
+
+def test_a_refresh_is_few_runs_of_many_items_under_one_concurrency_cap(project, sandbox_api, monkeypatch):
+    more = [WatchedItem(1000000000000 + 13 * i) for i in range(25)]
+    add_items(project / "watchlist.csv", more)
+    monkeypatch.setenv("TMAPI_CONCURRENCY", "3")
+    outcome = refresh(None, progress=False, partitions_per_run=10)
+    total = len(ITEMS) + len(more)
+    assert outcome.ok and outcome.landed == total
+    assert len(outcome.run_ids) == 3  # ceil(30 / 10) runs, not 30
+    stats = sandbox_api.stats()
+    assert stats["requests_total"] == total and outcome.calls == total  # one paid call per item
+    assert 2 <= stats["peak_in_flight"] <= 3  # calls really overlapped, never above the configured cap
+    ledger = Warehouse(project / "tmapi.duckdb").records(
+        "SELECT outcome, sum(calls) AS calls FROM tmapi.api_calls_daily GROUP BY outcome ORDER BY outcome")
+    # 1000000000000 ends in 0000: the sandbox's item without statistics (data: null), a landed no-data answer.
+    assert ledger == [{"outcome": "no_data", "calls": 1}, {"outcome": "success", "calls": total - 1}]

@@ -100,7 +100,12 @@ def sync_partitions(instance: DagsterInstance, wanted: list[str]) -> list[str]:
 
 
 def refresh(
-    items: list[WatchedItem] | None, *, force: bool = False, progress: bool = True, log_level: str = "WARNING"
+    items: list[WatchedItem] | None,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    log_level: str = "WARNING",
+    partitions_per_run: int = PARTITIONS_PER_RUN,
 ) -> RefreshOutcome:
     started = time.monotonic()
     outcome = RefreshOutcome()
@@ -138,7 +143,7 @@ def refresh(
 
     pipeline.set_progress_listener(on_item)
     try:
-        for first, last in contiguous_ranges(all_keys, selected, PARTITIONS_PER_RUN):
+        for first, last in contiguous_ranges(all_keys, selected, partitions_per_run):
             tags = {RANGE_START_TAG: first, RANGE_END_TAG: last, LAUNCHED_BY_TAG: "cli",
                     PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
             if force:

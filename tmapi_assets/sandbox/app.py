@@ -38,7 +38,15 @@ Control endpoints (no token, not counted in stats):
   - ``{"kind": "stall_body", "status": 200, "body_text": "{\\"code\\": 200"}``: sends headers (with a
     Content-Length larger than what follows) and the start of the body, then stalls like ``stall_headers``;
   - ``{"kind": "disconnect"}``: closes the connection without any answer (after ``sleep_ms``/latency);
-  - ``{"kind": "large_body", "size_bytes": 5000000}``: a 200 ``application/json`` body of that many bytes.
+  - ``{"kind": "large_body", "size_bytes": 5000000}``: a 200 ``application/json`` body of that many bytes;
+  - ``{"kind": "drip", "body_text": "...", "chunk_bytes": 1, "interval_ms": 100}``: sends the headers (with the
+    right Content-Length), then the body ``chunk_bytes`` at a time with ``interval_ms`` between chunks (a slow
+    body that never trips a per-read timeout); ends early when the client disconnects or the server stops;
+  - optional on ``disconnect`` and ``stall_body``: ``"reset": true`` closes with a TCP RST (SO_LINGER 0) instead
+    of a FIN;
+  - optional on a plain response: ``"close_after_ms": 0``: after the complete answer (no ``Connection: close``
+    header), the server closes the keep-alive connection that many ms later, like a server whose idle timeout
+    is shorter than the client's pool.
 
   ``item_id`` ``"*"`` queues responses for whatever item comes next (used after the item's own queue is empty).
 
@@ -50,6 +58,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
+import struct
 from collections import Counter, deque
 from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
@@ -87,7 +97,7 @@ MSG_500 = "Unexpected error, please contact customer service."
 MSG_503 = "API request concurrency limit exceeded, please reduce concurrency."
 
 _STALL_DEFAULT_S = 3600.0
-_SCRIPT_KINDS = {"respond", "stall_headers", "stall_body", "disconnect", "large_body"}
+_SCRIPT_KINDS = {"respond", "stall_headers", "stall_body", "disconnect", "large_body", "drip"}
 
 
 def china_today() -> date:
@@ -136,7 +146,8 @@ async def _send_bytes(send, status: int, body: bytes, content_type: bytes, extra
 class _Script:
     """One validated scripted response."""
 
-    __slots__ = ("kind", "status", "body", "has_body", "content_type", "sleep_s", "headers", "size")
+    __slots__ = ("kind", "status", "body", "has_body", "content_type", "sleep_s", "headers", "size", "chunk",
+                 "interval_s", "reset", "close_after_s")
 
     def __init__(self, raw: Any) -> None:
         if not isinstance(raw, dict):
@@ -158,6 +169,17 @@ class _Script:
             raise ValueError("headers must be an object")
         self.headers = [(str(k).lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()]
         self.size = int(raw.get("size_bytes", 0) or 0)
+        self.chunk = int(raw.get("chunk_bytes", 1) or 1)
+        interval_ms = raw.get("interval_ms", 100)
+        close_after_ms = raw.get("close_after_ms")
+        for name, value in (("interval_ms", interval_ms), ("close_after_ms", close_after_ms)):
+            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"{name} must be a non-negative number")
+        if self.chunk < 1:
+            raise ValueError("chunk_bytes must be >= 1")
+        self.interval_s = float(interval_ms) / 1000.0
+        self.close_after_s = None if close_after_ms is None else float(close_after_ms) / 1000.0
+        self.reset = bool(raw.get("reset", False))
         self.has_body = "body_text" in raw or "body" in raw
         if "body_text" in raw:
             text = raw["body_text"]
@@ -332,7 +354,7 @@ class SalesEndpoint:
             await send({"type": "http.response.start", "status": script.status, "headers": headers})
             await send({"type": "http.response.body", "body": script.body, "more_body": True})
             await self._pause(receive, _STALL_DEFAULT_S if delay is None else delay)
-            await _drop_connection(receive, send)  # the body stays incomplete
+            await _drop_connection(receive, send, reset=script.reset)  # the body stays incomplete
             return script.status
         if script.kind == "stall_headers":
             if not await self._pause(receive, _STALL_DEFAULT_S if delay is None else delay):
@@ -347,12 +369,16 @@ class SalesEndpoint:
             await _drop_connection(receive, send)
             return 0
         if script.kind == "disconnect":
-            await _drop_connection(receive, send)
+            await _drop_connection(receive, send, reset=script.reset)
             return 0
         if script.kind == "large_body":
             await self._send_large(send, script)
             return script.status
+        if script.kind == "drip":
+            return script.status if await self._send_drip(receive, send, script) else 0
         await self._send_script(send, script)
+        if script.close_after_s is not None:
+            _close_later(receive, script.close_after_s)
         return script.status
 
     @staticmethod
@@ -373,6 +399,22 @@ class SalesEndpoint:
             await send({"type": "http.response.body", "body": chunk[:n], "more_body": True})
             pad -= n
         await send({"type": "http.response.body", "body": tail})
+
+    async def _send_drip(self, receive, send, script: _Script) -> bool:
+        """Send the body a chunk at a time with pauses; False if it ended early (client gone, server stopping)."""
+        headers = [(b"content-type", script.content_type.encode("latin-1")),
+                   (b"content-length", str(len(script.body)).encode()), *script.headers]
+        await send({"type": "http.response.start", "status": script.status, "headers": headers})
+        body = script.body
+        for start in range(0, len(body), script.chunk):
+            if start and not await self._pause(receive, script.interval_s):
+                await _drop_connection(receive, send)
+                return False
+            last = start + script.chunk >= len(body)
+            await send({"type": "http.response.body", "body": body[start:start + script.chunk], "more_body": not last})
+        if not body:
+            await send({"type": "http.response.body", "body": b""})
+        return True
 
     async def _pause(self, receive, seconds: float) -> bool:
         """Sleep without blocking the loop. False if the client went away or the server is stopping."""
@@ -400,8 +442,8 @@ async def _wait_disconnect(receive) -> None:
             return
 
 
-async def _drop_connection(receive, send) -> None:
-    """Close the client connection without (completing) an answer.
+async def _drop_connection(receive, send, reset: bool = False) -> None:
+    """Close the client connection without (completing) an answer (``reset``: with a TCP RST, not a FIN).
 
     ASGI has no "abort" message; uvicorn's receive() is a bound method of its request cycle, which holds the
     transport. Closing it marks the cycle disconnected, so uvicorn neither logs nor sends a 500 afterwards. Without
@@ -412,6 +454,9 @@ async def _drop_connection(receive, send) -> None:
     transport = getattr(cycle, "transport", None)
     if transport is not None and hasattr(transport, "abort"):
         if not transport.is_closing():
+            sock = transport.get_extra_info("socket") if reset else None
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             transport.abort()
         for _ in range(3):  # let connection_lost run so the cycle sees the disconnect
             await asyncio.sleep(0)
@@ -421,6 +466,19 @@ async def _drop_connection(receive, send) -> None:
         await send({"type": "http.response.body", "body": b"", "more_body": True})
     except Exception:  # pragma: no cover - already gone
         pass
+
+
+def _close_later(receive, seconds: float) -> None:
+    """Close the connection (a FIN, like an expired keep-alive) ``seconds`` after the answer was sent."""
+    transport = getattr(getattr(receive, "__self__", None), "transport", None)
+    if transport is None:  # pragma: no cover - not uvicorn
+        return
+
+    def close() -> None:
+        if not transport.is_closing():
+            transport.close()
+
+    asyncio.get_running_loop().call_later(seconds, close)
 
 
 async def _gateway_404(scope, receive, send) -> None:
