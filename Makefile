@@ -1,15 +1,11 @@
 # Entry points. Every target sets up what it needs first (uv, the locked virtualenv), so each works on a fresh
 # clone with only python3 (3.11) and make installed.
-UV := $(shell command -v uv 2>/dev/null)
-ifeq ($(UV),)
-UV := python3 -m uv
-endif
+UV := scripts/uv
 RUN := $(UV) run --frozen --no-sync
 
 .PHONY: setup demo test dev bench clean-data
 
 .venv/.synced: pyproject.toml uv.lock
-	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen --compile-bytecode
 	@touch $@
 

@@ -308,7 +308,7 @@ def test_a_bi_tool_holding_the_file_makes_the_step_wait_fail_retry_and_land(proj
     batch = items(6, start=800)
     add_items(project / "watchlist.csv", batch)
     Warehouse(project / "tmapi.duckdb").ensure_schema()
-    holder = hold_lock(project / "tmapi.duckdb", seconds=3, read_only=True)
+    holder = hold_lock(project / "tmapi.duckdb", seconds=10, read_only=True)
     try:
         outcome = refresh(None, progress=False)
     finally:

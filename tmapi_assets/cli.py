@@ -48,7 +48,7 @@ def _parse_items(values: tuple[str, ...]) -> list[WatchedItem]:
     items, problems = [], []
     for value in values:
         try:
-            items.append(WatchedItem.from_partition_key(value))
+            items.append(WatchedItem.from_user_input(value))
         except InvalidInputError as exc:
             problems.append(str(exc))
     if problems:
@@ -62,18 +62,13 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- sandbox
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
 @click.pass_context
 def sandbox(ctx: click.Context) -> None:
-    """Serve a local fake of the TMAPI API (see `tmapi-assets sandbox --help-sandbox`).
-
-    Options: --port P --latency-ms L --concurrency-limit C --fault-rate F --token T --exhausted-token T
-    --seed S --today YYYY-MM-DD --host H.
-    """
+    """Serve a local fake of the TMAPI API: --port P --latency-ms L --concurrency-limit C --fault-rate F ..."""
     from tmapi_assets.sandbox.server import main as sandbox_main
 
-    args = ["--help" if a == "--help-sandbox" else a for a in ctx.args]
-    sys.exit(sandbox_main(args) or 0)
+    sys.exit(sandbox_main(list(ctx.args)) or 0)
 
 
 # ---------------------------------------------------------------------------------------------------- watch
@@ -82,7 +77,7 @@ def watch() -> None:
     """Edit the watchlist (data/watchlist.csv, or $TMAPI_WATCHLIST)."""
 
 
-@watch.command("add")
+@watch.command("add", context_settings={"ignore_unknown_options": True})
 @click.argument("items", nargs=-1, required=True)
 @click.option("--note", default="", help="free text kept in the note column")
 def watch_add(items: tuple[str, ...], note: str) -> None:
@@ -93,7 +88,7 @@ def watch_add(items: tuple[str, ...], note: str) -> None:
         click.echo(f"{'added' if item in added else 'already watched'}: {item}")
 
 
-@watch.command("remove")
+@watch.command("remove", context_settings={"ignore_unknown_options": True})
 @click.argument("items", nargs=-1, required=True)
 def watch_remove(items: tuple[str, ...]) -> None:
     """Stop watching items (their stored history stays in DuckDB)."""
@@ -286,30 +281,50 @@ def demo(keep_sandbox: bool) -> None:
 @click.option("--port", default=3000, show_default=True, help="Dagster UI port")
 def dev(port: int) -> None:
     """Start the sandbox (unless TMAPI_BASE_URL points elsewhere) and the Dagster UI with its daemon."""
+    import signal
     import subprocess
 
+    import httpx
+
     home = _prepare_dagster_home()
-    sandbox_proc = None
+    children: list[subprocess.Popen] = []
     if "TMAPI_BASE_URL" not in os.environ:
-        sandbox_proc = subprocess.Popen(
-            [sys.executable, "-m", "tmapi_assets.sandbox", "--port", str(config.SANDBOX_PORT),
-             "--latency-ms", "300", "--latency-jitter-ms", "200", "--concurrency-limit", "8"]
-        )
-        click.echo(f"sandbox API on {config.SANDBOX_BASE_URL} (set TMAPI_BASE_URL to use another API)")
-    click.echo(f"DAGSTER_HOME={home}")
+        try:
+            httpx.get(f"{config.SANDBOX_BASE_URL}/_sandbox/stats", timeout=1).raise_for_status()
+            click.echo(f"using the sandbox already running on {config.SANDBOX_BASE_URL}")
+        except httpx.HTTPError:
+            children.append(subprocess.Popen(
+                [sys.executable, "-m", "tmapi_assets.sandbox", "--port", str(config.SANDBOX_PORT),
+                 "--latency-ms", "300", "--latency-jitter-ms", "200", "--concurrency-limit", "8"]))
+            time.sleep(1.0)
+            if children[0].poll() is not None:
+                raise click.ClickException(
+                    f"the sandbox could not start on port {config.SANDBOX_PORT} (in use?); stop what uses it, "
+                    "or set TMAPI_BASE_URL to an API that is already running")
+    token = "set" if os.environ.get("TMAPI_API_TOKEN") else "not set"
+    click.echo(f"API: {config.base_url()} (TMAPI_API_TOKEN {token}); DAGSTER_HOME={home}")
+
+    def restore_default_sigint() -> None:  # a child of a non-interactive shell inherits SIGINT as ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    dagster = subprocess.Popen(
+        [sys.executable, "-m", "dagster", "dev", "-w", str(config.PROJECT_ROOT / "workspace.yaml"), "-p", str(port)],
+        cwd=config.PROJECT_ROOT, preexec_fn=restore_default_sigint)
+    children.insert(0, dagster)
+
+    def stop(signum: int, frame: object) -> None:  # SIGTERM or Ctrl-C: let dagster dev stop its own children
+        if dagster.poll() is None:
+            dagster.send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
-        return_code = subprocess.call(
-            [sys.executable, "-m", "dagster", "dev", "-w", str(config.PROJECT_ROOT / "workspace.yaml"),
-             "-p", str(port)],
-            cwd=config.PROJECT_ROOT,
-        )
-    except KeyboardInterrupt:
-        return_code = 0
+        return_code = dagster.wait()
     finally:
-        if sandbox_proc is not None:
-            sandbox_proc.terminate()
-            sandbox_proc.wait(timeout=10)
-    sys.exit(return_code)
+        for child in children[1:]:
+            child.terminate()
+            child.wait(timeout=10)
+    sys.exit(0 if return_code in (0, -signal.SIGINT, 130) else return_code)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import httpx
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # The sandbox's default address and token (see tmapi_assets/sandbox); the real API is one setting away:
@@ -34,6 +36,16 @@ def read_copy_path() -> Path | None:
     return Path(value) if value else data_dir() / "tmapi_read.duckdb"
 
 
+def fresh_within_hours() -> float:
+    """An item fetched successfully this recently costs no call on the next refresh unless forced."""
+    return env_float("TMAPI_FRESH_WITHIN_HOURS", 20.0)
+
+
+def duckdb_lock_timeout_s() -> float:
+    """How long one DuckDB write waits for another process holding the file."""
+    return env_float("TMAPI_DUCKDB_LOCK_TIMEOUT_S", 60.0)
+
+
 def watchlist_path() -> Path:
     return Path(os.environ.get("TMAPI_WATCHLIST", data_dir() / "watchlist.csv"))
 
@@ -43,7 +55,15 @@ def base_url() -> str:
 
 
 def api_token() -> str:
-    return os.environ.get("TMAPI_API_TOKEN", SANDBOX_TOKEN)
+    """TMAPI_API_TOKEN; the sandbox's token only when the API is local, so it never goes to the real API."""
+    token = os.environ.get("TMAPI_API_TOKEN", "")
+    if not token and is_local(base_url()):
+        return SANDBOX_TOKEN
+    return token
+
+
+def is_local(url: str) -> bool:
+    return httpx.URL(url).host in ("127.0.0.1", "localhost", "::1") if "://" in url else False
 
 
 def env_float(name: str, default: float) -> float:

@@ -17,6 +17,7 @@ _ITEM_ID = re.compile(r"[1-9][0-9]{0,18}")
 # (which reserves ',', '[', ']', '...' and '|') and in URLs.
 _SPEC_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _KEY_SEPARATOR = ":"
+_OFFER_URL = re.compile(r"^https?://[^/]*1688\.com/offer/([1-9][0-9]{0,18})\.html", re.IGNORECASE)
 _MAX_ITEM_ID = 2**63 - 1
 
 
@@ -27,8 +28,8 @@ def parse_item_id(value: object) -> int:
         raise InvalidInputError("item id is empty; give the numeric 1688 item id, e.g. 652702302959")
     if not _ITEM_ID.fullmatch(text) or int(text) > _MAX_ITEM_ID:
         raise InvalidInputError(
-            f"item id {text[:40]!r} is not valid: it must be a positive number of at most 19 digits "
-            "without sign or leading zero, e.g. 652702302959 (the number in detail.1688.com/offer/<id>.html)"
+            f"item id {text[:40]!r} is not valid: it must be a whole number from 1 to {_MAX_ITEM_ID} without sign "
+            "or leading zero, e.g. 652702302959 (the number in detail.1688.com/offer/<id>.html)"
         )
     return int(text)
 
@@ -77,6 +78,12 @@ class WatchedItem:
         return cls(parse_item_id(item_text), parse_spec_id(spec_text))
 
     parse = from_partition_key
+
+    @classmethod
+    def from_user_input(cls, text: str) -> "WatchedItem":
+        """ITEM, ITEM:SPEC, or an item page URL as copied from the browser (detail.1688.com/offer/ITEM.html)."""
+        match = _OFFER_URL.search(str(text))
+        return cls(int(match.group(1))) if match else cls.from_partition_key(text)
 
     def __str__(self) -> str:
         return self.partition_key

@@ -76,8 +76,13 @@ class AttemptSink:
             self._last_flush = time.monotonic()
 
     def close(self) -> None:
-        """Flush, then remove the spool file. If the flush raises, the spool file stays for the next run."""
-        self.flush()
+        """Flush, then remove the spool file. If the flush raises (DuckDB locked), the file stays, unlocked, and
+        the step's retry or the next run loads it: an answer already paid for is never bought again."""
+        try:
+            self.flush()
+        except BaseException:
+            self._spool.release()
+            raise
         self._spool.close()
 
 

@@ -80,6 +80,11 @@ class Spool:
         """Remove the file: call only after everything in it is in DuckDB."""
         if self._fd >= 0:
             self.path.unlink(missing_ok=True)
+            self.release()
+
+    def release(self) -> None:
+        """Keep the file but drop its lock: the next run (or this step's retry) loads it."""
+        if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 

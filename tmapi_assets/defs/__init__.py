@@ -2,7 +2,7 @@
 
 import warnings
 
-from dagster import BetaWarning, Definitions
+from dagster import BetaWarning, Definitions, in_process_executor
 
 # BackfillPolicy is marked beta; it is what makes a backfill of N items N/K runs instead of N (see assets.py).
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -23,6 +23,9 @@ def build_definitions() -> Definitions:
         schedules=[daily_refresh],
         sensors=[watchlist_sensor],
         resources=default_resources(),
+        # One process per run, not per step: a step subprocess costs seconds of start-up, and the work inside a
+        # step is I/O-bound (API calls) or done by DuckDB.
+        executor=in_process_executor,
     )
 
 

@@ -113,6 +113,12 @@ def raw_responses(
     if summary.halt_error is not None:
         # Retrying cannot help (no balance, bad token, wrong URL): stop here, visibly.
         raise Failure(description=str(summary.halt_error), metadata=metadata, allow_retries=False)
+    if summary.failed and not summary.landed and not summary.skipped_fresh:
+        # Nothing landed (API down, network out): a red run, not a green one with a failed check. The client already
+        # retried each call with backoff; a step retry would only pay again.
+        first_error = next(iter(summary.failed.values()))
+        raise Failure(description=f"none of the {len(items)} item(s) landed; first error: {first_error}",
+                      metadata=metadata, allow_retries=False)
     return MaterializeResult(metadata=metadata)
 
 

@@ -58,16 +58,17 @@ def default_resources() -> dict[str, object]:
     return {
         "tmapi_api": TmapiApiResource(
             base_url=config.base_url(),
-            api_token=EnvVar("TMAPI_API_TOKEN") if _token_in_env() else config.SANDBOX_TOKEN,
+            # EnvVar: Dagster resolves it at run time and stores only the variable's name, never the value.
+            api_token=EnvVar("TMAPI_API_TOKEN") if _token_in_env() else config.api_token(),
             auth_mode=os.environ.get("TMAPI_AUTH_MODE", "query"),  # type: ignore[arg-type]
             concurrency=config.env_int("TMAPI_CONCURRENCY", 4),
             max_attempts=config.env_int("TMAPI_MAX_ATTEMPTS", 4),
             timeout_s=config.env_float("TMAPI_TIMEOUT_S", 60.0),
-            fresh_within_hours=config.env_float("TMAPI_FRESH_WITHIN_HOURS", 20.0),
+            fresh_within_hours=config.fresh_within_hours(),
         ),
         "warehouse": WarehouseResource(
             database=str(config.duckdb_path()),
-            lock_timeout_s=config.env_float("TMAPI_DUCKDB_LOCK_TIMEOUT_S", 60.0),
+            lock_timeout_s=config.duckdb_lock_timeout_s(),
         ),
     }
 

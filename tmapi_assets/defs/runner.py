@@ -7,6 +7,7 @@ import os
 import socket
 import time
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass, field
 
 from dagster import DagsterInstance
@@ -26,7 +27,7 @@ from tmapi_assets.defs.automation import (
     refresh_job,
 )
 from tmapi_assets.defs.partitions import watched_items
-from tmapi_assets.errors import InvalidInputError, Outcome, RunHaltedError
+from tmapi_assets.errors import InvalidInputError, Outcome, RunHaltedError, WarehouseLockedError
 from tmapi_assets.halt import read_halt
 from tmapi_assets.ids import WatchedItem
 from tmapi_assets.warehouse import Warehouse
@@ -74,6 +75,7 @@ class RefreshOutcome:
             f"  API calls made {self.calls}"
             + (f" ({self.calls / self.landed:.2f} per landed item)" if self.landed else ""),
         ]
+        lines += [f"  note: {problem}" for problem in self.problems]
         for item in self.not_landed[:30]:
             lines.append(f"  FAILED {item}: {self.errors.get(item) or self.final[item]}")
         if len(self.not_landed) > 30:
@@ -131,19 +133,35 @@ def refresh(
     instance = DagsterInstance.get()
     reap_dead_cli_runs(instance)
     all_keys = sync_partitions(instance, wanted)
+    warehouse = Warehouse(config.duckdb_path())
+
+    pending = selected
+    if not force:
+        # Items fetched within the freshness window and already normalised need no run at all (a run would cost
+        # Dagster bookkeeping for nothing). Answers a killed run paid for are loaded first: they count.
+        try:
+            pipeline.recover_spooled_answers(warehouse)
+            since = datetime.now(timezone.utc) - timedelta(hours=config.fresh_within_hours())
+            done = warehouse.up_to_date([WatchedItem.from_partition_key(k) for k in selected], since)
+        except WarehouseLockedError as exc:  # the runs' steps wait and retry; they also skip fresh items
+            outcome.problems.append(f"could not check freshness up front: {exc}")
+            done = set()
+        pending = [k for k in selected if WatchedItem.from_partition_key(k) not in done]
+        outcome.final.update({item: "fresh" for item in done})
+
     job = build_definitions().resolve_job_def(refresh_job.name)  # resources from the environment now
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
-
     # disable=None: a bar on a terminal, nothing in CI logs.
-    bar = tqdm(total=len(selected), unit="item", disable=None if progress else True)
+    bar = tqdm(total=len(pending), unit="item", disable=None if progress else True)
+    reported: dict[WatchedItem, str] = {}
 
     def on_item(item: WatchedItem, final: str) -> None:
-        outcome.final[item] = final
+        reported[item] = final
         bar.update(1)
 
     pipeline.set_progress_listener(on_item)
     try:
-        for first, last in contiguous_ranges(all_keys, selected, partitions_per_run):
+        for first, last in contiguous_ranges(all_keys, pending, partitions_per_run):
             tags = {RANGE_START_TAG: first, RANGE_END_TAG: last, LAUNCHED_BY_TAG: "cli",
                     PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
             if force:
@@ -152,32 +170,31 @@ def refresh(
             outcome.run_ids.append(result.run_id)
             if not result.success:
                 outcome.failed_runs.append(result.run_id)
-            if _HALTING & set(outcome.final.values()):
+            if _HALTING & set(reported.values()):
                 break  # quota, credentials or URL: every further call would fail the same way
     finally:
         pipeline.set_progress_listener(None)
         bar.close()
 
-    ledger = Warehouse(config.duckdb_path())
-    if outcome.run_ids:
-        outcome.calls, outcome.errors = _ledger_figures(ledger, outcome.run_ids)
+    # What landed is what the ledger holds, not what the runs reported on the way.
+    try:
+        outcome.calls, stored = warehouse.run_outcomes(outcome.run_ids)
+    except WarehouseLockedError as exc:
+        outcome.problems.append(f"the summary below is what the runs reported, unchecked: {exc}")
+        stored = {}
+    for key in pending:
+        item = WatchedItem.from_partition_key(key)
+        if item in stored:
+            outcome.final[item] = stored[item][0]
+            if stored[item][0] not in _LANDED:
+                outcome.errors[item] = stored[item][1]
+        elif reported.get(item) == "fresh" or (not stored and reported.get(item) in _LANDED and
+                                                 not outcome.failed_runs):
+            outcome.final[item] = reported[item]
+        else:
+            outcome.final[item] = reported.get(item, "not attempted")
+            outcome.errors[item] = (
+                "halted: no call made" if reported.get(item) == "halted"
+                else "no answer stored: its run failed or was stopped (see the run's logs in the UI)")
     outcome.elapsed_s = time.monotonic() - started
     return outcome
-
-
-def _ledger_figures(warehouse: Warehouse, run_ids: list[str]) -> tuple[int, dict[WatchedItem, str]]:
-    frame = warehouse.query(
-        """SELECT item_id, spec_id, outcome, http_status, message,
-                  count(*) OVER () AS calls,
-                  row_number() OVER (PARTITION BY item_id, spec_id ORDER BY fetched_at DESC) AS newest
-           FROM tmapi.raw_responses WHERE list_contains(?, run_id)""",
-        [run_ids],
-    )
-    if frame.empty:
-        return 0, {}
-    errors = {}
-    for row in frame[frame["newest"] == 1].itertuples():
-        if row.outcome not in _LANDED:
-            status = "no HTTP answer" if row.http_status is None or row.http_status != row.http_status else f"HTTP {int(row.http_status)}"
-            errors[WatchedItem(int(row.item_id), row.spec_id)] = f"{row.outcome} ({status}): {row.message}"
-    return int(frame["calls"].iloc[0]), errors

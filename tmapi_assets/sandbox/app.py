@@ -45,8 +45,8 @@ Control endpoints (no token, not counted in stats):
   - optional on ``disconnect`` and ``stall_body``: ``"reset": true`` closes with a TCP RST (SO_LINGER 0) instead
     of a FIN;
   - optional on a plain response: ``"close_after_ms": 0``: after the complete answer (no ``Connection: close``
-    header), the server closes the keep-alive connection that many ms later, like a server whose idle timeout
-    is shorter than the client's pool.
+    header), the server closes the keep-alive connection if no further request reached the app on it within that
+    many ms: a keep-alive idle timeout shorter than the client's pool (with its race against a new request).
 
   ``item_id`` ``"*"`` queues responses for whatever item comes next (used after the item's own queue is empty).
 
@@ -202,10 +202,12 @@ class SandboxState:
         self.config = config
         self.scripts: dict[tuple[str, str], deque[_Script]] = {}
         self.abort: asyncio.Event | None = None  # set on shutdown so that stalled requests end
+        self.idle_close: dict[Any, object] = {}  # connection (client address) -> pending close_after_ms marker
         self.reset()
 
     def reset(self) -> None:
         self.scripts.clear()
+        self.idle_close.clear()
         self.requests_total = 0
         self.in_flight = 0
         self.peak_in_flight = 0
@@ -265,6 +267,8 @@ class SalesEndpoint:
         st.in_flight_all += 1
         st.peak_in_flight_all = max(st.peak_in_flight_all, st.in_flight_all)
         status = 0
+        if st.idle_close:
+            st.idle_close.pop(_connection_key(scope), None)  # a new request: the connection is not idle
         try:
             if scope["method"] != "GET":
                 status = 404
@@ -296,7 +300,7 @@ class SalesEndpoint:
             st.in_flight += 1
             st.peak_in_flight = max(st.peak_in_flight, st.in_flight)
             try:
-                status = await self._admitted(receive, send, token, raw_item.strip(), raw_spec.strip())
+                status = await self._admitted(scope, receive, send, token, raw_item.strip(), raw_spec.strip())
             finally:
                 st.in_flight -= 1
         finally:
@@ -306,13 +310,13 @@ class SalesEndpoint:
             else:
                 st.unanswered += 1
 
-    async def _admitted(self, receive, send, token: str, item: str, spec: str) -> int:
+    async def _admitted(self, scope, receive, send, token: str, item: str, spec: str) -> int:
         """Handle an admitted request; returns the status sent (0 when nothing was sent)."""
         st = self.state
         cfg = st.config
         script = st.pop_script(item, spec)
         if script is not None:
-            return await self._scripted(receive, send, script)
+            return await self._scripted(scope, receive, send, script)
 
         if not await self._pause(receive, st.latency_s()):
             await _drop_connection(receive, send)
@@ -341,7 +345,7 @@ class SalesEndpoint:
         await _send_bytes(send, 200, body, API_CT)
         return 200
 
-    async def _scripted(self, receive, send, script: _Script) -> int:
+    async def _scripted(self, scope, receive, send, script: _Script) -> int:
         st = self.state
         delay = script.sleep_s
         if script.kind == "stall_body":
@@ -378,7 +382,7 @@ class SalesEndpoint:
             return script.status if await self._send_drip(receive, send, script) else 0
         await self._send_script(send, script)
         if script.close_after_s is not None:
-            _close_later(receive, script.close_after_s)
+            _close_if_idle(st, scope, receive, script.close_after_s)
         return script.status
 
     @staticmethod
@@ -411,7 +415,8 @@ class SalesEndpoint:
                 await _drop_connection(receive, send)
                 return False
             last = start + script.chunk >= len(body)
-            await send({"type": "http.response.body", "body": body[start:start + script.chunk], "more_body": not last})
+            chunk = body[start:start + script.chunk]
+            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
         if not body:
             await send({"type": "http.response.body", "body": b""})
         return True
@@ -468,15 +473,26 @@ async def _drop_connection(receive, send, reset: bool = False) -> None:
         pass
 
 
-def _close_later(receive, seconds: float) -> None:
-    """Close the connection (a FIN, like an expired keep-alive) ``seconds`` after the answer was sent."""
+def _connection_key(scope) -> Any:
+    client = scope.get("client")
+    return tuple(client) if client else None
+
+
+def _close_if_idle(state: SandboxState, scope, receive, seconds: float) -> None:
+    """Close the connection (a FIN, like an expired keep-alive) ``seconds`` after the answer, unless another request
+    reached the app on it meanwhile."""
     transport = getattr(getattr(receive, "__self__", None), "transport", None)
-    if transport is None:  # pragma: no cover - not uvicorn
+    key = _connection_key(scope)
+    if transport is None or key is None:  # pragma: no cover - not uvicorn
         return
+    marker = object()
+    state.idle_close[key] = marker
 
     def close() -> None:
-        if not transport.is_closing():
-            transport.close()
+        if state.idle_close.get(key) is marker:
+            del state.idle_close[key]
+            if not transport.is_closing():
+                transport.close()
 
     asyncio.get_running_loop().call_later(seconds, close)
 

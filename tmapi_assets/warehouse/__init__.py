@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import pandas as pd
 
+from tmapi_assets import config
 from tmapi_assets.errors import Outcome, WarehouseError, WarehouseLockedError
 from tmapi_assets.ids import WatchedItem
 
@@ -106,9 +107,9 @@ def _int_array(values: list[int | None]) -> pd.arrays.IntegerArray:
 class Warehouse:
     """The DuckDB file the pipeline writes and everyone else reads."""
 
-    def __init__(self, path: str | os.PathLike[str], *, lock_timeout_s: float = 60.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, lock_timeout_s: float | None = None) -> None:
         self.path = Path(path)
-        self.lock_timeout_s = lock_timeout_s
+        self.lock_timeout_s = config.duckdb_lock_timeout_s() if lock_timeout_s is None else lock_timeout_s
         self._schema_ready = False
 
     # ------------------------------------------------------------------ connections
@@ -236,6 +237,48 @@ class Warehouse:
                 [since, run_id],
             ).fetchall()
         return {WatchedItem(item_id, spec_id) for item_id, spec_id in rows}
+
+    def up_to_date(self, items: Sequence[WatchedItem], since: datetime) -> set[WatchedItem]:
+        """Items needing no work: a success at or after `since` that is already normalised and has KPIs."""
+        if not items or not self.path.exists():
+            return set()
+        with self.connect() as conn:
+            conn.register("scope", _items_frame(items))
+            rows = conn.execute(
+                f"""WITH latest AS (
+                        SELECT item_id, spec_id, response_id, fetched_at FROM tmapi.raw_responses
+                        SEMI JOIN scope USING (item_id, spec_id)
+                        WHERE outcome IN {_SUCCESS_OUTCOMES}
+                        QUALIFY row_number() OVER (
+                            PARTITION BY item_id, spec_id ORDER BY fetched_at DESC, response_id DESC) = 1)
+                    SELECT l.item_id, l.spec_id FROM latest l
+                    JOIN tmapi.item_statistics s USING (item_id, spec_id)
+                    JOIN tmapi.item_kpis k USING (item_id, spec_id)
+                    WHERE l.fetched_at >= ? AND s.response_id = l.response_id""",
+                [since],
+            ).fetchall()
+        return {WatchedItem(item_id, spec_id) for item_id, spec_id in rows}
+
+    def run_outcomes(self, run_ids: Sequence[str]) -> tuple[int, dict[WatchedItem, tuple[str, str | None]]]:
+        """(calls made by these runs, item -> (outcome, message) of its last attempt in them)."""
+        if not run_ids or not self.path.exists():
+            return 0, {}
+        with self.connect() as conn:
+            calls = conn.execute(
+                "SELECT count(*) FROM tmapi.raw_responses WHERE list_contains(?, run_id)", [list(run_ids)]
+            ).fetchone()[0]
+            rows = conn.execute(
+                """SELECT item_id, spec_id, outcome, http_status, message FROM tmapi.raw_responses
+                   WHERE list_contains(?, run_id)
+                   QUALIFY row_number() OVER (PARTITION BY item_id, spec_id
+                                              ORDER BY (outcome IN ('success', 'no_data')) DESC, fetched_at DESC) = 1""",
+                [list(run_ids)],
+            ).fetchall()
+        outcomes = {}
+        for item_id, spec_id, outcome, http_status, message in rows:
+            status = f"HTTP {http_status}" if http_status is not None else "no HTTP answer"
+            outcomes[WatchedItem(item_id, spec_id)] = (outcome, f"{outcome} ({status}): {message}")
+        return calls, outcomes
 
     # ------------------------------------------------------------------ normalised tables
     def load_observations(self, observations: Sequence[Observation]) -> dict[str, int]:
