@@ -59,6 +59,7 @@ logger = logging.getLogger("tmapi_assets.client")
 SALES_PATH = "/1688/item/statistics/sales"
 MESSAGE_MAX_CHARS = 500
 SNIPPET_CHARS = 200
+OVERSIZED_PREFIX_BYTES = 64 * 1024  # what is kept of a body over max_body_bytes
 _BOM = b"\xef\xbb\xbf"
 _OVERLOAD_STATUSES = frozenset({429, 503})  # "reduce concurrency" / rate limited: the limiter backs off
 _USER_AGENT = f"tmapi-assets/0.1 httpx/{httpx.__version__}"
@@ -136,7 +137,7 @@ class Attempt:
     http_status: int | None  # None when no HTTP answer (connect error, timeout before the headers)
     api_code: int | None  # body `code` as int (string "439" -> 439), None when absent
     outcome: Outcome
-    body: bytes  # verbatim bytes as received (b"" when none); for OVERSIZED the first max_body_bytes only
+    body: bytes  # verbatim bytes as received (b"" when none); for OVERSIZED only the first OVERSIZED_PREFIX_BYTES
     request_url: str  # REDACTED url (token removed)
     message: str | None  # body msg / gateway message / what was wrong / network error text; redacted, <= 500 chars
 
@@ -443,10 +444,18 @@ class _Core:
         return client.build_request("GET", self.settings.sales_url, params=params, headers=headers)
 
     def add_chunk(self, raw: _Raw, chunk: bytes, started: float) -> bool:
-        """Append a body chunk within the cap; returns False when reading must stop (oversized)."""
+        """Append a body chunk within the cap; returns False when reading must stop (oversized).
+
+        An oversized answer keeps only its first OVERSIZED_PREFIX_BYTES (enough to see what it was): memory stays
+        bounded by the cap while reading, and nothing large is copied or stored afterwards."""
+        declared = raw.headers.get("content-length", "") if raw.headers is not None and not raw.body else ""
+        if declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+            raw.body += chunk[:OVERSIZED_PREFIX_BYTES]  # refused on its announced size: read no further
+            raw.oversized = True
+            return False
         room = self.settings.max_body_bytes - len(raw.body)
         if len(chunk) > room:
-            raw.body += chunk[:room]
+            del raw.body[OVERSIZED_PREFIX_BYTES:]
             raw.oversized = True
             return False
         raw.body += chunk
