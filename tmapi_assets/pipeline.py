@@ -197,7 +197,8 @@ class NormaliseSummary:
 def normalise_items(
     warehouse: Warehouse, items: Sequence[WatchedItem] | None = None, chunk_size: int = 2000
 ) -> NormaliseSummary:
-    """Parse the newest successful stored response of each item and upsert statistics, trends and KPIs.
+    """Parse the newest successful stored response of each item; upsert statistics and trends (KPIs are
+    Warehouse.refresh_kpis).
 
     Never calls the API: run it again after a parser fix to rebuild everything from tmapi.raw_responses.
     """
