@@ -227,6 +227,15 @@ def report(load: dict | None, kpis: dict | None) -> tuple[str, str]:
             f"`refresh_kpis` includes opening a Warehouse connection (ATTACH; fixed cost {kpis['connect_s']:.3f} s).",
             "",
         ]
+    targets = []
+    if load:
+        r = load["normalise_s"] / load["plain_insert_s"]
+        targets.append(f"{'PASS' if r <= 2 else 'FAIL'}  normalise + upsert <= 2x the plain bulk insert: {r:.1f}x")
+    if kpis:
+        r = kpis["refresh_kpis_s"] / kpis["scan_s"]
+        targets.append(f"{'PASS' if r <= 2 else 'FAIL'}  KPI recompute <= 2x the plain scan: {r:.1f}x")
+    lines += ["Targets (issue 3):"] + [f"  {t}" for t in targets]
+    md += ["Targets:", ""] + [f"- `{t}`" for t in targets] + [""]
     return "\n".join(lines), "\n".join(md)
 
 
