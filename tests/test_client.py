@@ -12,11 +12,11 @@ import socketserver
 import struct
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import httpx
 import pytest
+from conftest import load_field_cases
 
 from tmapi_assets.client import (
     OVERSIZED_PREFIX_BYTES,
@@ -51,18 +51,7 @@ SUCCESS_BODY = {
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-_SHARED_CASES = Path(__file__).resolve().parents[2] / "shared" / "cases" / "responses.json"
-_LOCAL_CASES = Path(__file__).resolve().parent / "cases" / "responses.json"
-
-
-def _load_cases() -> tuple[list[dict], str | None]:
-    for path in (_SHARED_CASES, _LOCAL_CASES):
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))["cases"], None
-    return [], f"responses.json not found at {_SHARED_CASES} nor {_LOCAL_CASES}"
-
-
-CASES, CASES_MISSING = _load_cases()
+CASES, CASES_MISSING = load_field_cases("responses.json")
 
 
 def settings(**overrides: Any) -> ClientSettings:

@@ -1,7 +1,6 @@
 """The Dagster assets against the sandbox over real HTTP: refresh, idempotence, freshness, failures, halts,
 and the sensor and schedule that drive refreshes."""
 
-import os
 from datetime import datetime, timezone
 
 import pytest
@@ -12,7 +11,6 @@ from tmapi_assets.defs.automation import RANGE_END_TAG, RANGE_START_TAG, contigu
 from tmapi_assets.defs.partitions import watched_items
 from tmapi_assets.defs.runner import refresh
 from tmapi_assets.ids import WatchedItem
-from tmapi_assets.sandbox import SandboxProcess
 from tmapi_assets.warehouse import Warehouse
 from tmapi_assets.watchlist import add_items
 
@@ -21,25 +19,11 @@ ITEMS = [DOC_ITEM, WatchedItem(610947572360), WatchedItem(1000012345678), Watche
          WatchedItem(624282357434)]
 
 
-@pytest.fixture(scope="module")
-def sandbox_api():
-    with SandboxProcess(latency_ms=20, concurrency_limit=8) as api:
-        yield api
-
-
 @pytest.fixture
-def project(tmp_path, monkeypatch, sandbox_api):
-    """A fresh data dir, Dagster instance and watchlist, pointed at the sandbox."""
-    monkeypatch.setenv("TMAPI_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    monkeypatch.setenv("TMAPI_BASE_URL", sandbox_api.base_url)
-    monkeypatch.setenv("TMAPI_API_TOKEN", sandbox_api.token)
-    monkeypatch.setenv("TMAPI_DUCKDB_LOCK_TIMEOUT_S", "5")
-    (tmp_path / "dagster_home").mkdir()
-    (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    sandbox_api.reset()
-    add_items(tmp_path / "watchlist.csv", ITEMS)
-    return tmp_path
+def project(project):
+    """The shared fresh project (conftest.py), watching ITEMS."""
+    add_items(project / "watchlist.csv", ITEMS)
+    return project
 
 
 def test_refresh_lands_every_item_over_real_http(project, sandbox_api):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import load_field_cases
 
 from tmapi_assets import pipeline
 from tmapi_assets.client import OVERSIZED_PREFIX_BYTES, AsyncTmapiClient, ClientSettings, FetchResult
@@ -33,18 +34,7 @@ from tmapi_assets.warehouse import Warehouse
 
 pytestmark = pytest.mark.timeout(120)
 
-_SHARED_CASES = Path(__file__).resolve().parents[2] / "shared" / "cases" / "responses.json"
-_LOCAL_CASES = Path(__file__).resolve().parent / "cases" / "responses.json"
-
-
-def _load_cases() -> tuple[list[dict], str | None]:
-    for path in (_SHARED_CASES, _LOCAL_CASES):
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))["cases"], None
-    return [], f"responses.json not found at {_SHARED_CASES} nor {_LOCAL_CASES}"
-
-
-CASES, CASES_MISSING = _load_cases()
+CASES, CASES_MISSING = load_field_cases("responses.json")
 
 MAX_ATTEMPTS = 3
 FIRST, SECOND = WatchedItem(100000000011), WatchedItem(100000000022)

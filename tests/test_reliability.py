@@ -20,11 +20,9 @@ from click.testing import CliRunner
 from dagster import DagsterInstance, build_schedule_context, build_sensor_context
 
 from tmapi_assets import halt as halt_state
-from tmapi_assets import pipeline
 from tmapi_assets.cli import main as cli
 from tmapi_assets.client import AsyncTmapiClient, ClientSettings
 from tmapi_assets.defs import automation
-from tmapi_assets.defs.partitions import watched_items
 from tmapi_assets.defs.runner import refresh
 from tmapi_assets.errors import Outcome, RunHaltedError, WarehouseLockedError
 from tmapi_assets.ids import WatchedItem
@@ -37,25 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def items(n: int, start: int = 0) -> list[WatchedItem]:
     return [WatchedItem(1000000000000 + 7919 * (start + i)) for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def sandbox_api():
-    with SandboxProcess(latency_ms=30, concurrency_limit=8) as api:
-        yield api
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch, sandbox_api):
-    monkeypatch.setenv("TMAPI_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    monkeypatch.setenv("TMAPI_BASE_URL", sandbox_api.base_url)
-    monkeypatch.setenv("TMAPI_API_TOKEN", sandbox_api.token)
-    monkeypatch.setenv("TMAPI_DUCKDB_LOCK_TIMEOUT_S", "5")
-    (tmp_path / "dagster_home").mkdir()
-    (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    sandbox_api.reset()
-    return tmp_path
 
 
 def env_for(project: Path, sandbox_api, **extra: str) -> dict[str, str]:

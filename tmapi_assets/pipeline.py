@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tmapi_assets import config
 from tmapi_assets.client import AsyncTmapiClient, Attempt, ClientSettings, FetchResult, HaltSignal
-from tmapi_assets.errors import OUTCOME_ACTION, Action, ApiError, Outcome
+from tmapi_assets.errors import OUTCOME_ACTION, Action, ApiError
 from tmapi_assets.ids import WatchedItem
 from tmapi_assets.halt import PersistentHalt
 from tmapi_assets.parsing import MalformedDataError, parse_statistics

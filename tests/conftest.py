@@ -1,0 +1,40 @@
+"""Shared test helpers: the field cases of ../shared/cases, the sandbox API, and a fresh project directory."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tmapi_assets.sandbox import SandboxProcess
+
+TESTS = Path(__file__).resolve().parent
+
+
+def load_field_cases(name: str) -> tuple[list, str | None]:
+    """(cases, None) from ../shared/cases/NAME (as CI lays it out) or the copy in tests/cases; ([], why) if neither."""
+    shared, local = TESTS.parents[1] / "shared" / "cases" / name, TESTS / "cases" / name
+    for path in (shared, local):
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))["cases"], None
+    return [], f"{name} not found at {shared} nor {local}"
+
+
+@pytest.fixture(scope="module")
+def sandbox_api():
+    """The sandbox API in its own process, over real HTTP, shared by a test module."""
+    with SandboxProcess(latency_ms=20, concurrency_limit=8) as api:
+        yield api
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, sandbox_api):
+    """A fresh data dir and Dagster instance, pointed at the sandbox (reset: its counters start at 0)."""
+    monkeypatch.setenv("TMAPI_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("TMAPI_BASE_URL", sandbox_api.base_url)
+    monkeypatch.setenv("TMAPI_API_TOKEN", sandbox_api.token)
+    monkeypatch.setenv("TMAPI_DUCKDB_LOCK_TIMEOUT_S", "5")
+    (tmp_path / "dagster_home").mkdir()
+    (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    sandbox_api.reset()
+    return tmp_path
