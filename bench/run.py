@@ -15,6 +15,8 @@ Scenarios (default: all but rss-scan, then `python -m bench.warehouse`):
   baseline-serial        one blocking httpx.get at a time (TMAPI's own examples), on a subset, extrapolated
   dagster-per-partition  `dagster asset materialize --partition KEY` once per partition, on a subset, extrapolated
   dlt                    dlt's RESTClient at its defaults, one .get() per item, on a subset, extrapolated
+  pipeline-direct        the project's fetch_items -> normalise_items -> refresh_kpis without Dagster (all N items),
+                         at --fault-rate and at 0.1: what the client and warehouse cost without Dagster around them
   rss-scan               refresh at N=2,000 and N=10,000 with a small latency: does peak RSS grow with N?
   warehouse              `python -m bench.warehouse` (normalise + upsert vs bulk insert; KPIs vs a GROUP BY)
 """
@@ -59,7 +61,7 @@ from bench.common import (
 from tmapi_assets.sandbox import SandboxProcess
 
 ALL = ["refresh", "refresh-faults", "backfill", "backfill-3", "baseline-serial", "dagster-per-partition", "dlt",
-       "rss-scan", "warehouse"]
+       "pipeline-direct", "rss-scan", "warehouse"]
 DEFAULT = [s for s in ALL if s != "rss-scan"]
 ASSETS = [["tmapi", "raw_responses"], ["tmapi", "item_statistics"], ["tmapi", "sales_trend_daily"],
           ["tmapi", "price_trend_daily"], ["tmapi", "item_kpis"]]
@@ -382,6 +384,38 @@ def scenario_worker(args, kind: str, name: str, k: int) -> list[Result]:
         sb.stop()
 
 
+def scenario_pipeline_direct(args, name: str, fault_rate: float) -> list[Result]:
+    n, c = args.n, args.concurrency
+    log(f"{name}: the project's pipeline without Dagster, N={n}, fault rate {fault_rate}")
+    sb = _sandbox(args, fault_rate)
+    ws = make_workspace(sb.base_url, c, name)
+    try:
+        keys_file = ws.dir / "keys.txt"
+        keys_file.write_text("\n".join(item_keys(n)) + "\n", encoding="utf-8")
+        sb.reset()
+        m = run_measured([sys.executable, "-m", "bench.workers", "pipeline", "--base-url", sb.base_url, "--token",
+                          TOKEN, "--keys-file", str(keys_file), "--concurrency", str(c), "--duckdb",
+                          str(ws.duckdb)], ws.env, _timeout(n, args.latency_ms, c))
+        stats = sb.stats()
+        lines = [ln for ln in m.stdout.strip().splitlines() if ln.startswith("{")]
+        if not lines:
+            raise RuntimeError(f"{name} worker printed no result (rc {m.rc}): {m.stderr[-800:]}")
+        out = json.loads(lines[-1])
+        led = ledger_figures(ws.duckdb)
+        r = Result(name, n, n, args.latency_ms, c, out["wall_s"], landed=led.landed, runs=0,
+                   rss_tree_mb=m.peak_tree_mb, rss_proc_mb=m.peak_proc_mb, **_sandbox_fields(stats))
+        r.ok = led.landed == n and led.landed_twice == 0
+        r.notes.append(f"no Dagster: fetch_items {out['fetch_s']:.1f} s (T_min/T of the fetch alone "
+                       f"{r.t_min / out['fetch_s']:.3f}), normalise_items {out['normalise_s']:.2f} s, refresh_kpis "
+                       f"{out['kpis_s']:.2f} s; process wall {m.wall_s:.1f} s; sandbox statuses {stats['by_status']}")
+        log(f"{name}: T={out['wall_s']:.1f} s (fetch {out['fetch_s']:.1f} s), calls={stats['requests_total']}, "
+            f"landed={led.landed}")
+        return [r]
+    finally:
+        sb.stop()
+        ws.cleanup(args.keep)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -485,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
                 results += scenario_per_partition(args)
             elif name == "dlt":
                 results += scenario_worker(args, "dlt", "dlt", args.subset_dlt)
+            elif name == "pipeline-direct":
+                results += scenario_pipeline_direct(args, "pipeline-direct", args.fault_rate)
+                results += scenario_pipeline_direct(args, "pipeline-direct-faults", 0.1)
             elif name == "rss-scan":
                 for n in [int(x) for x in args.rss_ns.split(",") if x.strip()]:
                     results += scenario_refresh(args, f"rss-scan N={n}", n, 0.0, args.rss_latency_ms, second=False)

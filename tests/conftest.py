@@ -8,6 +8,15 @@ import pytest
 from tmapi_assets.sandbox import SandboxProcess
 
 TESTS = Path(__file__).resolve().parent
+PROJECT_DAGSTER_YAML = TESTS.parent / "dagster.yaml"
+
+
+def install_dagster_yaml(home: Path) -> Path:
+    """A Dagster home configured like the project's (data/dagster_home): the tests run on the same instance
+    settings (event log storage, pools, run monitoring) as users do."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_bytes(PROJECT_DAGSTER_YAML.read_bytes())
+    return home
 
 
 def load_field_cases(name: str) -> tuple[list, str | None]:
@@ -34,7 +43,6 @@ def project(tmp_path, monkeypatch, sandbox_api):
     monkeypatch.setenv("TMAPI_BASE_URL", sandbox_api.base_url)
     monkeypatch.setenv("TMAPI_API_TOKEN", sandbox_api.token)
     monkeypatch.setenv("TMAPI_DUCKDB_LOCK_TIMEOUT_S", "5")
-    (tmp_path / "dagster_home").mkdir()
-    (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    install_dagster_yaml(tmp_path / "dagster_home")
     sandbox_api.reset()
     return tmp_path

@@ -557,7 +557,9 @@ def test_a_50mb_body_is_refused_oversized_and_never_read_past_the_cap(big_body):
     assert [r["attempt"] for r in stored] == [1, 1, 1]
     assert all(r["outcome"] == Outcome.OVERSIZED.value and r["http_status"] == 200 for r in stored)
     assert all(0 < r["body_size"] <= OVERSIZED_PREFIX_BYTES
-               and r["head"].startswith('{"code":200,"msg":"success","data":{"pad":"xx') for r in stored), stored
+               # the first chunk read, however the network split it (43 bytes at times, when refused on Content-Length)
+               and r["head"].startswith('{"code":200,"msg":"success","data":{"pad":"') for r in stored), \
+        [(r["run_id"], r["body_size"], r["head"]) for r in stored]
     summary = big_body["summary"]
     assert summary.landed == [] and summary.halted == [] and summary.halt_error is None
     assert_error_text(summary.failed[FIRST], FIRST, 200, "too large", "max_body_bytes=8388608")

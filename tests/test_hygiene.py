@@ -15,6 +15,7 @@ import pytest
 from dagster import DagsterInstance
 from dagster._serdes import serialize_value
 
+from conftest import install_dagster_yaml
 from tmapi_assets.client import ClientSettings
 from tmapi_assets.defs.partitions import watched_items
 from tmapi_assets.defs.runner import refresh
@@ -48,8 +49,7 @@ def test_the_token_appears_nowhere(tmp_path, monkeypatch, caplog, capfd):
         monkeypatch.setenv("TMAPI_BASE_URL", api.base_url)
         monkeypatch.setenv("TMAPI_API_TOKEN", TOKEN)
         monkeypatch.setenv("TMAPI_MAX_ATTEMPTS", "3")
-        (tmp_path / "dagster_home").mkdir()
-        (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        install_dagster_yaml(tmp_path / "dagster_home")
         caplog.set_level(logging.DEBUG)  # httpx logs every URL at INFO and httpcore every step at DEBUG
 
         good = [WatchedItem(1000000000000 + 7 * i) for i in range(6)]
@@ -120,9 +120,7 @@ def test_partition_keys_round_trip_through_the_ui_graphql_api(tmp_path):
     keys = [WatchedItem.from_partition_key(k).partition_key for k in (
         "652702302959", "1000012345678", "9223372036854775807",
         "652702302959:5b2a1c4d8e9f00112233445566778899", "652702302959:A-b_9", "1:x")]
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    home = install_dagster_yaml(tmp_path / "dagster_home")
     env = dict(os.environ, DAGSTER_HOME=str(home), TMAPI_DATA_DIR=str(tmp_path))
     os.environ["DAGSTER_HOME"] = str(home)
     try:

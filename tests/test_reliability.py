@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 from dagster import DagsterInstance, build_schedule_context, build_sensor_context
 
+from conftest import install_dagster_yaml
 from tmapi_assets import halt as halt_state
 from tmapi_assets.cli import main as cli
 from tmapi_assets.client import AsyncTmapiClient, ClientSettings
@@ -180,8 +181,7 @@ def test_sigkill_at_20_random_moments_loses_nothing_and_lands_every_item_once(tm
     with SandboxProcess(latency_ms=150, concurrency_limit=8) as sandbox_api:
         env = env_for(tmp_path, sandbox_api, TMAPI_CONCURRENCY="2", TMAPI_DUCKDB_LOCK_TIMEOUT_S="10",
                       TMAPI_STEP_RETRY_DELAY_S="0.2")
-        (tmp_path / "dagster_home").mkdir()
-        (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        install_dagster_yaml(tmp_path / "dagster_home")
         watched: list[WatchedItem] = []
         killed, phases = 0, []
         for round_no in range(20):
