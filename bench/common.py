@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -318,13 +319,29 @@ def ledger_figures(db_path: Path, keys: list[str] | None = None) -> LedgerFigure
     return fig
 
 
+@contextmanager
+def open_instance(home: Path):
+    """The scenario's Dagster instance. DAGSTER_HOME is set while it is open: the project's event log storage
+    (tmapi_assets/dagster_event_log.py) finds its files from it, as in every `dagster`/`tmapi-assets` command."""
+    from dagster import DagsterInstance
+
+    saved = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        with DagsterInstance.from_config(str(home)) as instance:
+            yield instance
+    finally:
+        if saved is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        else:
+            os.environ["DAGSTER_HOME"] = saved
+
+
 def dagster_runs(home: Path) -> dict[str, int]:
     """Run counts by status in the scenario's Dagster instance."""
     from collections import Counter
 
-    from dagster import DagsterInstance
-
-    with DagsterInstance.from_config(str(home)) as instance:
+    with open_instance(home) as instance:
         return dict(Counter(r.status.value for r in instance.get_runs()))
 
 
@@ -332,10 +349,8 @@ def dagster_events(home: Path, run_ids: list[str] | None = None) -> dict[str, in
     """Event-log entries written by the runs (all runs of the instance when run_ids is None), by event type."""
     from collections import Counter
 
-    from dagster import DagsterInstance
-
     counts: Counter[str] = Counter()
-    with DagsterInstance.from_config(str(home)) as instance:
+    with open_instance(home) as instance:
         ids = run_ids if run_ids is not None else [r.run_id for r in instance.get_runs()]
         for run_id in ids:
             for entry in instance.all_logs(run_id):

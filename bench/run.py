@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import (
+    open_instance,
     DAGSTER_CLI,
     ROOT,
     TMAPI_CLI,
@@ -86,9 +87,7 @@ def _sandbox_fields(stats: dict) -> dict:
 
 
 def _add_partitions(home: Path, keys: list[str]) -> None:
-    from dagster import DagsterInstance
-
-    with DagsterInstance.from_config(str(home)) as instance:
+    with open_instance(home) as instance:
         instance.add_dynamic_partitions(PARTITIONS, keys)
 
 
@@ -203,7 +202,7 @@ def _wait_dagster_ready(port: int, proc: subprocess.Popen, bound_s: float = 240.
 
 
 def scenario_backfill(args, name: str, parts: int) -> list[Result]:
-    from dagster import DagsterInstance, RunsFilter
+    from dagster import RunsFilter
 
     n, c, latency = args.n, args.concurrency, args.latency_ms
     log(f"{name}: N={n} in {parts} backfill(s) through `dagster dev` + GraphQL")
@@ -244,7 +243,7 @@ def scenario_backfill(args, name: str, parts: int) -> list[Result]:
         deadline = time.monotonic() + _timeout(n, latency, c) + 300
         records = []
         statuses: dict[str, str] = {}
-        with DagsterInstance.from_config(str(ws.home)) as instance:
+        with open_instance(ws.home) as instance:
             while True:
                 records = []
                 done = True
