@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from tmapi_assets import config
+from tmapi_assets.call_slots import CallSlots
 from tmapi_assets.client import AsyncTmapiClient, Attempt, ClientSettings, FetchResult, HaltSignal
 from tmapi_assets.errors import OUTCOME_ACTION, Action, ApiError
 from tmapi_assets.ids import WatchedItem
@@ -42,52 +43,97 @@ def _report(item: WatchedItem, outcome: str) -> None:
 
 
 class AttemptSink:
-    """Where every HTTP attempt goes: first the crash-safe spool (at once), then tmapi.raw_responses in small bulk
+    """Where every HTTP attempt goes: first the crash-safe spool (at once), then tmapi.raw_responses in bulk
     transactions (every `batch` attempts or `interval_s` seconds, and at close).
 
-    A paid answer is on disk the moment it arrives, before anything parses it, and the DuckDB file is free between
-    flushes. If a flush fails (the file is locked by another process), the answers stay in the spool and the next
-    run loads them.
+    A paid answer is on disk the moment it arrives, before anything parses it. The DuckDB writes happen on a
+    writer thread, so the event loop making the calls never waits for DuckDB (a flush blocking the loop left every
+    API slot idle for its duration). Each flush takes the answers gathered so far with their spool segment; the
+    next answer opens a new segment; a segment is deleted once its answers are in DuckDB.
+    If a flush fails (the file is locked by another process), its answers are tried again with the next flush; if
+    the last flush fails, the segments stay on disk, unlocked, and the step's retry or the next run loads them.
     """
 
     def __init__(self, warehouse: Warehouse, run_id: str | None, batch: int = 200, interval_s: float = 2.0):
         self.warehouse, self.run_id, self.batch, self.interval_s = warehouse, run_id, batch, interval_s
-        self._spool = Spool(spool_dir(), run_id)
+        self._segment: Spool | None = None  # opened with the first answer after each flush
         self._pending_ids: list[str] = []
         self._pending: list[Attempt] = []
-        self._last_flush = time.monotonic()
-        self._lock = threading.Lock()
+        self._unstored: list[tuple[Spool, list[Attempt], list[str]]] = []  # taken by the writer, not yet in DuckDB
+        self._wake = threading.Condition()
+        self._closing = False
         self.written = 0
+        self._writer = threading.Thread(target=self._write_loop, name="tmapi-attempt-writer", daemon=True)
+        self._writer.start()
 
     def add(self, attempt: Attempt) -> None:
-        with self._lock:
-            self._pending_ids.append(self._spool.append(attempt))
+        with self._wake:
+            if self._segment is None:
+                self._segment = Spool(spool_dir(), self.run_id)
+            self._pending_ids.append(self._segment.append(attempt))
             self._pending.append(attempt)
-            due = len(self._pending) >= self.batch or time.monotonic() - self._last_flush >= self.interval_s
-        if due:
-            self.flush()
+            if len(self._pending) >= self.batch:
+                self._wake.notify()
 
-    def flush(self) -> None:
-        with self._lock:
-            if self._pending:
-                self.written += self.warehouse.record_attempts(self._pending, self.run_id, self._pending_ids)
-                self._spool.truncate()
-                self._pending, self._pending_ids = [], []
-            self._last_flush = time.monotonic()
+    def _take_pending(self) -> None:
+        """Move what was gathered so far, with its spool segment, to the writer's list (call holding _wake)."""
+        if self._pending:
+            assert self._segment is not None
+            self._unstored.append((self._segment, self._pending, self._pending_ids))
+            self._segment, self._pending, self._pending_ids = None, [], []
+
+    def _store(self) -> None:
+        """Write every taken batch to DuckDB in one transaction; delete their segments. Raises on failure."""
+        batches, self._unstored = self._unstored, []
+        if not batches:
+            return
+        try:
+            attempts = [a for _, batch, _ in batches for a in batch]
+            ids = [i for _, _, batch_ids in batches for i in batch_ids]
+            self.written += self.warehouse.record_attempts(attempts, self.run_id, ids)
+        except BaseException:
+            self._unstored = batches + self._unstored  # kept (and still spooled) for the next flush
+            raise
+        for segment, _, _ in batches:
+            segment.close()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._wake:
+                if not self._closing:
+                    self._wake.wait(self.interval_s)
+                if self._closing:
+                    return  # close() does the last flush on its own thread
+                self._take_pending()
+            try:
+                self._store()
+            except Exception as exc:  # noqa: BLE001 (the answers are spooled; the next flush or close() retries)
+                log.warning("answers not stored in DuckDB yet, kept in the spool and retried: %s", exc)
 
     def close(self) -> None:
-        """Flush, then remove the spool file. If the flush raises (DuckDB locked), the file stays, unlocked, and
-        the step's retry or the next run loads it: an answer already paid for is never bought again."""
+        """Stop the writer and flush everything, then remove the spool. If the last flush raises (DuckDB locked),
+        the segments stay, unlocked, for the step's retry or the next run: an answer paid for is never bought
+        again."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._writer.join()
+        with self._wake:
+            self._take_pending()
         try:
-            self.flush()
+            self._store()
         except BaseException:
-            self._spool.release()
+            for segment, _, _ in self._unstored:
+                segment.release()
             raise
-        self._spool.close()
 
 
 def spool_dir() -> Path:
     return config.data_dir() / "spool"
+
+
+def api_slots_dir() -> Path:
+    return config.data_dir() / "api_slots"
 
 
 def recover_spooled_answers(warehouse: Warehouse) -> int:
@@ -162,8 +208,11 @@ def fetch_items(
         if OUTCOME_ACTION[attempt.outcome] is not Action.RETRY or attempt.attempt >= settings.max_attempts:
             _report(attempt.item, attempt.outcome.value)
 
+    # The API's cap holds across every run on this machine: each call also takes one of its host-wide slots.
+    call_slots = CallSlots(api_slots_dir(), settings.concurrency)
+
     async def run() -> list[FetchResult]:
-        async with AsyncTmapiClient(settings, halt=halt, on_attempt=on_attempt) as client:
+        async with AsyncTmapiClient(settings, halt=halt, on_attempt=on_attempt, call_slots=call_slots) as client:
             return await client.fetch_many(todo)
 
     try:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass, field
 
 from dagster import DagsterInstance
+from dagster._core.instance.ref import InstanceRef
 from tqdm import tqdm
 
 from tmapi_assets import config, pipeline
@@ -35,6 +37,36 @@ from tmapi_assets.watchlist import read_watchlist
 
 _HALTING = {Outcome.QUOTA.value, Outcome.AUTH.value, Outcome.CONFIG.value}
 _LANDED = {Outcome.SUCCESS.value, Outcome.NO_DATA.value}
+MAX_OVERLAPPING_RUNS = 3
+NEXT_RUN_LEAD_S = 1.0  # about what a run takes from its start to its first API call
+
+
+class _Pace:
+    """Completions of one run: how many, and how many per second over the last few seconds (counted from the
+    run's start until it has run that long, so an early burst of answers does not look like a fast pace)."""
+
+    WINDOW_S = 3.0
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.times: deque[float] = deque()
+        self.total = 0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self.total += 1
+        self.times.append(now)
+        while now - self.times[0] > self.WINDOW_S:
+            self.times.popleft()
+
+    def count(self) -> int:
+        return self.total
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        since = max(now - self.WINDOW_S, self.started)
+        recent = sum(1 for t in self.times if t >= since)
+        return recent / max(now - since, 1e-3)
 
 
 @dataclass
@@ -88,6 +120,19 @@ class RefreshOutcome:
         return "\n".join(lines)
 
 
+def cli_instance() -> DagsterInstance:
+    """The project's instance ($DAGSTER_HOME) without stdout/stderr capture. Dagster captures a run's output by
+    redirecting the process's file descriptors 1 and 2 (through a `tee` subprocess per run); the runs of a refresh
+    overlap in threads of one process, so each would redirect the others' output, and the CLI's own (the summary)
+    ended up in a run's log file. Nothing is lost: the runs' logs are in the event log, and on the console."""
+    ref = InstanceRef.from_dir(
+        os.environ["DAGSTER_HOME"],
+        overrides={"compute_logs": {"module": "dagster._core.storage.noop_compute_log_manager",
+                                    "class": "NoOpComputeLogManager"}},
+    )
+    return DagsterInstance.from_ref(ref)
+
+
 def sync_partitions(instance: DagsterInstance, wanted: list[str]) -> list[str]:
     """Make the dynamic partitions equal the watchlist (new keys appended in watchlist order)."""
     existing = instance.get_dynamic_partitions(watched_items.name)
@@ -130,7 +175,7 @@ def refresh(
     halt = read_halt()
     if halt is not None:
         raise RunHaltedError(halt.describe(), outcome=Outcome(halt.outcome))
-    instance = DagsterInstance.get()
+    instance = cli_instance()
     reap_dead_cli_runs(instance)
     all_keys = sync_partitions(instance, wanted)
     warehouse = Warehouse(config.duckdb_path())
@@ -151,27 +196,76 @@ def refresh(
 
     job = build_definitions().resolve_job_def(refresh_job.name)  # resources from the environment now
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    ranges = contiguous_ranges(all_keys, pending, partitions_per_run)
+    position = {key: i for i, key in enumerate(all_keys)}
+    range_of = {key: n for n, (first, last) in enumerate(ranges)
+                for key in all_keys[position[first]:position[last] + 1]}
+    sizes = Counter(range_of.values())
+    finished_at: dict[int, _Pace] = {}  # range -> when its items were reported final
     # disable=None: a bar on a terminal, nothing in CI logs.
     bar = tqdm(total=len(pending), unit="item", disable=None if progress else True)
     reported: dict[WatchedItem, str] = {}
+    changed = threading.Condition()
 
     def on_item(item: WatchedItem, final: str) -> None:
-        reported[item] = final
-        bar.update(1)
+        with changed:
+            reported[item] = final
+            pace = finished_at.get(range_of.get(item.partition_key, -1))
+            if pace is not None:
+                pace.tick()
+            bar.update(1)
+            changed.notify_all()
 
+    def execute(first: str, last: str) -> None:
+        tags = {RANGE_START_TAG: first, RANGE_END_TAG: last, LAUNCHED_BY_TAG: "cli",
+                PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+        if force:
+            tags[FORCE_TAG] = "true"
+        try:
+            result = job.execute_in_process(instance=instance, tags=tags, run_config=run_config, raise_on_error=False)
+            with changed:
+                outcome.run_ids.append(result.run_id)
+                if not result.success:
+                    outcome.failed_runs.append(result.run_id)
+        except BaseException as exc:  # Dagster itself failed: raised in the main thread once every run has ended
+            crashes.append(exc)
+        finally:
+            with changed:
+                changed.notify_all()
+
+    # Runs overlap: the next run starts when the current one has about two rounds of calls left, so its start-up
+    # happens while those calls finish, its own calls follow on at once, and the current run's writes and checks
+    # happen while the next one calls the API. The host-wide call slots (call_slots.py) keep the overlapping runs'
+    # calls under TMAPI_CONCURRENCY together; at most MAX_OVERLAPPING_RUNS are alive at once.
+    lead_items = 2 * config.env_int("TMAPI_CONCURRENCY", 4)
+
+    def nearly_done(n: int, thread: threading.Thread) -> bool:
+        """The run's remaining calls take about as long as a run takes to start (at its recent pace), or less."""
+        left = sizes[n] - finished_at[n].count()
+        return not thread.is_alive() or left <= lead_items or left <= finished_at[n].rate() * NEXT_RUN_LEAD_S
+
+    threads: list[threading.Thread] = []
+    crashes: list[BaseException] = []
     pipeline.set_progress_listener(on_item)
     try:
-        for first, last in contiguous_ranges(all_keys, pending, partitions_per_run):
-            tags = {RANGE_START_TAG: first, RANGE_END_TAG: last, LAUNCHED_BY_TAG: "cli",
-                    PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
-            if force:
-                tags[FORCE_TAG] = "true"
-            result = job.execute_in_process(instance=instance, tags=tags, run_config=run_config, raise_on_error=False)
-            outcome.run_ids.append(result.run_id)
-            if not result.success:
-                outcome.failed_runs.append(result.run_id)
-            if _HALTING & set(reported.values()):
-                break  # quota, credentials or URL: every further call would fail the same way
+        for n, (first, last) in enumerate(ranges):
+            thread = threading.Thread(target=execute, args=(first, last), name=f"tmapi-run-{n}", daemon=True)
+            with changed:
+                finished_at[n] = _Pace()
+            thread.start()
+            threads.append(thread)
+            with changed:
+                while not (_HALTING & set(reported.values())):
+                    alive = sum(t.is_alive() for t in threads)
+                    if nearly_done(n, thread) and alive < MAX_OVERLAPPING_RUNS:
+                        break
+                    changed.wait(0.5)
+                if _HALTING & set(reported.values()):
+                    break  # quota, credentials or URL: every further call would fail the same way
+        for thread in threads:
+            thread.join()
+        if crashes:
+            raise crashes[0]
     finally:
         pipeline.set_progress_listener(None)
         bar.close()

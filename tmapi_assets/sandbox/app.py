@@ -60,6 +60,7 @@ import json
 import random
 import socket
 import struct
+import time
 from collections import Counter, deque
 from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
@@ -261,6 +262,7 @@ class SalesEndpoint:
         self.state = state
 
     async def __call__(self, scope, receive, send) -> None:
+        arrived = time.monotonic()
         st = self.state
         cfg = st.config
         st.requests_total += 1
@@ -300,7 +302,8 @@ class SalesEndpoint:
             st.in_flight += 1
             st.peak_in_flight = max(st.peak_in_flight, st.in_flight)
             try:
-                status = await self._admitted(scope, receive, send, token, raw_item.strip(), raw_spec.strip())
+                status = await self._admitted(scope, receive, send, token, raw_item.strip(), raw_spec.strip(),
+                                              arrived)
             finally:
                 st.in_flight -= 1
         finally:
@@ -310,7 +313,7 @@ class SalesEndpoint:
             else:
                 st.unanswered += 1
 
-    async def _admitted(self, scope, receive, send, token: str, item: str, spec: str) -> int:
+    async def _admitted(self, scope, receive, send, token: str, item: str, spec: str, arrived: float) -> int:
         """Handle an admitted request; returns the status sent (0 when nothing was sent)."""
         st = self.state
         cfg = st.config
@@ -318,32 +321,35 @@ class SalesEndpoint:
         if script is not None:
             return await self._scripted(scope, receive, send, script)
 
-        if not await self._pause(receive, st.latency_s()):
+        status, body = self._answer(token, item, spec)
+        # The configured latency is the API's service time: what this server spent so far counts towards it.
+        if not await self._pause(receive, st.latency_s() - (time.monotonic() - arrived)):
             await _drop_connection(receive, send)
             return 0
+        await _send_bytes(send, status, body, API_CT)
+        if status == 200 and not body:
+            await send({"type": "http.response.body", "body": b""})
+        return status
+
+    def _answer(self, token: str, item: str, spec: str) -> tuple[int, bytes]:
+        """(status, body) of an unscripted request."""
+        st = self.state
+        cfg = st.config
         if token == cfg.exhausted_token:
-            await _send_bytes(send, 439, _BODY_439, API_CT)
-            return 439
+            return 439, _BODY_439
         try:
             item_id = parse_item_id(item)
         except InvalidInputError:
-            await _send_bytes(send, 422, _api_body(422, "Parameter error: item_id"), API_CT)
-            return 422
+            return 422, _api_body(422, "Parameter error: item_id")
         try:
             spec_id = parse_spec_id(spec)
         except InvalidInputError:
-            await _send_bytes(send, 422, _api_body(422, "Parameter error: spec_id"), API_CT)
-            return 422
+            return 422, _api_body(422, "Parameter error: spec_id")
         if str(item_id).endswith(REFUSED_ITEM_SUFFIX):
-            await _send_bytes(send, 422, _api_body(422, "Parameter error: item_id"), API_CT)
-            return 422
+            return 422, _api_body(422, "Parameter error: item_id")
         if cfg.fault_rate > 0 and st.fault_rng.random() < cfg.fault_rate:
-            code, body = st.fault_rng.choice(_FAULTS)
-            await _send_bytes(send, code, body, API_CT)
-            return code
-        body = success_body(str(item_id), spec_id, st.window_end())
-        await _send_bytes(send, 200, body, API_CT)
-        return 200
+            return st.fault_rng.choice(_FAULTS)
+        return 200, success_body(str(item_id), spec_id, st.window_end())
 
     async def _scripted(self, scope, receive, send, script: _Script) -> int:
         st = self.state

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -47,6 +48,16 @@ TABLES = (
 )
 _SUCCESS_OUTCOMES = (Outcome.SUCCESS.value, Outcome.NO_DATA.value)
 _LOCK_PID = re.compile(r"PID (\d+)")
+
+
+_PROCESS_LOCKS: dict[str, threading.RLock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+def _process_lock(path: Path) -> threading.RLock:
+    key = os.path.realpath(path)
+    with _PROCESS_LOCKS_GUARD:
+        return _PROCESS_LOCKS.setdefault(key, threading.RLock())
 
 
 def _quote(text: str) -> str:
@@ -115,7 +126,24 @@ class Warehouse:
     # ------------------------------------------------------------------ connections
     @contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short-lived connection; waits up to lock_timeout_s for another process to release the file."""
+        """A short-lived connection; waits up to lock_timeout_s for another thread of this process, then for
+        another process, to release the file."""
+        # One process cannot attach one file twice at once ("Unique file handle conflict"): threads of a process
+        # (runs of one refresh, the attempt writer) take turns, like other processes do through DuckDB's lock.
+        lock = _process_lock(self.path)
+        if not lock.acquire(timeout=self.lock_timeout_s):
+            raise WarehouseLockedError(
+                f"DuckDB file {self.path} stayed in use by another thread of this process (PID {os.getpid()}) for "
+                f"{self.lock_timeout_s:.0f} s; nothing was lost: this step can be retried."
+            )
+        try:
+            with self._connect_file(read_only=read_only) as conn:
+                yield conn
+        finally:
+            lock.release()
+
+    @contextmanager
+    def _connect_file(self, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         elif not self.path.exists():
