@@ -56,7 +56,19 @@ def _parse_items(values: tuple[str, ...]) -> list[WatchedItem]:
     return items
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Our errors (bad input or settings, a locked DuckDB file, a halted API) end a command with their message and
+    exit code 2, not a traceback: each says what to do."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TmapiError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Track 1688 item sales and prices from TMAPI into DuckDB, with Dagster."""
 

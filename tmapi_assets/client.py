@@ -31,6 +31,7 @@ from typing import Any, Awaitable, Callable, Literal, Sequence
 
 import httpx
 
+from tmapi_assets.call_slots import CallSlots
 from tmapi_assets.errors import (
     OUTCOME_ACTION,
     Action,
@@ -41,7 +42,14 @@ from tmapi_assets.errors import (
     classify,
 )
 from tmapi_assets.ids import WatchedItem
-from tmapi_assets.redact import MASK, install_log_redaction, redact_text, redact_url, register_secret
+from tmapi_assets.redact import (
+    MASK,
+    install_log_redaction,
+    redact_bytes,
+    redact_text,
+    redact_url,
+    register_secret,
+)
 
 __all__ = [
     "SALES_PATH",
@@ -470,7 +478,7 @@ class _Core:
     ) -> tuple[Attempt, dict | None]:
         fetched_at = datetime.now(timezone.utc)
         elapsed_ms = (time.perf_counter() - started) * 1000.0
-        body = bytes(raw.body)
+        body = redact_bytes(bytes(raw.body))  # stored verbatim, but for the token if the API echoed it
 
         if raw.error is not None:
             message = _describe_exception(raw.error)
@@ -785,8 +793,10 @@ class AsyncTmapiClient:
         sleep: Callable[[float], Awaitable[None]] | None = None,
         rng: random.Random | None = None,
         limiter: AdaptiveLimiter | None = None,
+        call_slots: CallSlots | None = None,
     ) -> None:
         self._core = _Core(settings, halt, on_attempt, rng)
+        self.call_slots = call_slots  # the host-wide cap shared with other runs (None: this client's limiter only)
         self.settings = settings
         self.halt = self._core.halt
         self.limiter = limiter if limiter is not None else AdaptiveLimiter(settings.concurrency)
@@ -832,7 +842,10 @@ class AsyncTmapiClient:
             if self.halt.is_set:
                 return core.halted(item, attempts)
             generation = await limiter.acquire()
+            host_slot = None
             try:
+                if self.call_slots is not None:
+                    host_slot = await self.call_slots.acquire()
                 if self.halt.is_set:  # set while we waited for the slot
                     return core.halted(item, attempts)
                 attempt, payload, retry_after = await self._call(item, number)
@@ -843,6 +856,8 @@ class AsyncTmapiClient:
                 # Still holding the slot: a halt is set before anyone waiting for a slot can start a call.
                 delay = core.complete(attempt, attempts, retry_after)
             finally:
+                if host_slot is not None:
+                    self.call_slots.release(host_slot)
                 limiter.release()
             if delay is None:
                 return core.finish(item, attempts, payload)

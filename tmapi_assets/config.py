@@ -10,6 +10,8 @@ from pathlib import Path
 
 import httpx
 
+from tmapi_assets.errors import InvalidInputError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # The sandbox's default address and token (see tmapi_assets/sandbox); the real API is one setting away:
@@ -66,11 +68,27 @@ def is_local(url: str) -> bool:
     return httpx.URL(url).host in ("127.0.0.1", "localhost", "::1") if "://" in url else False
 
 
+def auth_mode() -> str:
+    """TMAPI_AUTH_MODE: 'query' (?apiToken=) or 'header' (apikey:)."""
+    value = os.environ.get("TMAPI_AUTH_MODE", "") or "query"
+    if value not in ("query", "header"):
+        raise InvalidInputError(f"TMAPI_AUTH_MODE={value!r}: use 'query' (?apiToken=...) or 'header' (apikey: ...)")
+    return value
+
+
 def env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value not in (None, "") else default
+    return _env_number(name, default, float, "a number")
 
 
 def env_int(name: str, default: int) -> int:
+    return _env_number(name, default, int, "a whole number")
+
+
+def _env_number(name: str, default, kind, what: str):
     value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
+    if value in (None, ""):
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise InvalidInputError(f"{name}={value!r} is not {what}; unset it to use the default {default}") from None

@@ -5,7 +5,7 @@ Plain Python (no Dagster import). Three tools:
 - ``redact_url(url)``: the URL with every ``apiToken`` query value (any letter case) replaced by ``***``.
 - ``register_secret(value)`` / ``redact_text(text)``: a process-wide registry of secret strings; ``redact_text``
   replaces each registered secret (also in its percent-encoded forms) and every ``apiToken=...`` query value by
-  ``***``.
+  ``***``; ``redact_bytes`` does the same to a response body before it is stored.
 - ``install_log_redaction()``: idempotent; puts a ``logging.Filter`` on the loggers of httpx, httpcore and this
   project that rewrites each record's message (and formatted traceback) into its redacted form before any handler
   sees it. httpx logs ``HTTP Request: GET http://...?apiToken=SECRET "HTTP/1.1 200 OK"`` at INFO for every call.
@@ -41,7 +41,7 @@ REDACTED_LOGGERS: tuple[str, ...] = (
 )
 
 # apiToken=VALUE in a query string (any case; also the apikey / api_token spellings), up to the next separator.
-_QUERY_TOKEN = re.compile(r"(?i)(\b(?:api_?token|apikey)=)[^&#\s\"'<>]*")
+_QUERY_TOKEN = re.compile(r"(?i)(\b(?:api_?token|apikey)=)[^&#\s\"'<>()\[\],;]*")
 _TOKEN_KEYS = frozenset({"apitoken", "api_token", "apikey"})
 
 _lock = threading.Lock()
@@ -75,6 +75,18 @@ def redact_text(text: Any) -> str:
     if pattern is not None:
         text = pattern.sub(MASK, text)
     return _QUERY_TOKEN.sub(lambda m: m.group(1) + MASK, text)
+
+
+def redact_bytes(data: bytes) -> bytes:
+    """``data`` with every registered secret (as UTF-8) replaced by ``***``: for response bodies, which are stored,
+    and which an API or gateway may echo the token in (an error page quoting the request URL)."""
+    with _lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+    for secret in secrets:
+        encoded = secret.encode("utf-8")
+        if encoded in data:
+            data = data.replace(encoded, MASK.encode("ascii"))
+    return data
 
 
 def redact_url(url: Any) -> str:

@@ -60,7 +60,7 @@ def default_resources() -> dict[str, object]:
             base_url=config.base_url(),
             # EnvVar: Dagster resolves it at run time and stores only the variable's name, never the value.
             api_token=EnvVar("TMAPI_API_TOKEN") if _token_in_env() else config.api_token(),
-            auth_mode=os.environ.get("TMAPI_AUTH_MODE", "query"),  # type: ignore[arg-type]
+            auth_mode=config.auth_mode(),  # type: ignore[arg-type]
             concurrency=config.env_int("TMAPI_CONCURRENCY", 4),
             max_attempts=config.env_int("TMAPI_MAX_ATTEMPTS", 4),
             timeout_s=config.env_float("TMAPI_TIMEOUT_S", 60.0),
