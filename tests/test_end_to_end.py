@@ -169,3 +169,25 @@ def test_a_refresh_is_few_runs_of_many_items_under_one_concurrency_cap(project, 
         "SELECT outcome, sum(calls) AS calls FROM tmapi.api_calls_daily GROUP BY outcome ORDER BY outcome")
     # 1000000000000 ends in 0000: the sandbox's item without statistics (data: null), a landed no-data answer.
     assert ledger == [{"outcome": "no_data", "calls": 1}, {"outcome": "success", "calls": total - 1}]
+
+
+def test_the_cli_overlaps_its_runs_and_still_prints_its_summary(project, sandbox_api):
+    """`tmapi-assets refresh` as users run it: runs overlap in threads of one process (their output is not
+    captured by Dagster, which would redirect the process's stdout), the summary reaches the terminal, the cap holds."""
+    import os
+    import subprocess
+    import sys
+
+    add_items(project / "watchlist.csv", [WatchedItem(1000000000000 + 17 * i) for i in range(1, 16)])
+    env = dict(os.environ, TMAPI_PARTITIONS_PER_RUN="4", TMAPI_CONCURRENCY="2")
+    proc = subprocess.run([sys.executable, "-m", "tmapi_assets.cli", "refresh", "--quiet"], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "refresh: 20 item(s) in 5 Dagster run(s)" in proc.stdout
+    assert "landed 20, fresh (no call) 0, not landed 0" in proc.stdout
+    assert "API calls made 20 (1.00 per landed item)" in proc.stdout
+    assert 1 <= sandbox_api.stats()["peak_in_flight_all"] <= 2
+    records = sorted(DagsterInstance.get().get_run_records(), key=lambda r: r.start_time)
+    assert len(records) == 5 and all(r.dagster_run.is_success for r in records)
+    overlaps = sum(later.start_time < earlier.end_time for earlier, later in zip(records, records[1:]))
+    assert overlaps >= 1  # the next run started before the previous one ended

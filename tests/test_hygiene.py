@@ -61,6 +61,9 @@ def test_the_token_appears_nowhere(tmp_path, monkeypatch, caplog, capfd):
             [{"status": 502, "content_type": "text/html", "body_text": "<html><h1>502 Bad Gateway</h1></html>"}],
             [{"status": 200, "content_type": "application/json", "body_text": ""}],
             [{"kind": "disconnect"}],
+            # An error page and a msg echoing the token (a gateway quoting the request URL): stored masked.
+            [{"status": 500, "content_type": "text/html", "body_text": f"<p>GET /sales?apiToken={TOKEN} failed</p>"},
+             {"status": 500, "body": {"code": 500, "msg": f"internal error ({TOKEN}), apiToken={TOKEN}"}}],
         ]):
             api.script(item.item_id, script)
         errors = []

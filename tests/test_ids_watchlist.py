@@ -63,3 +63,43 @@ def test_watchlist_add_remove_round_trip(tmp_path):
     assert remove_items(path, [a]) == [a]
     assert read_watchlist(path).items == [b]
     assert path.read_text().splitlines()[0] == "item_id,spec_id,note"
+
+
+def test_watchlist_rows_are_lines_and_bad_lines_are_named(tmp_path):
+    path = tmp_path / "watchlist.csv"
+    path.write_bytes(
+        b"# my items\n"
+        b"item_id,spec_id,note\n"  # a header after a comment
+        b'652702302959,,"unclosed quote\n'  # must not swallow the next row
+        b"624282357434,,ok\n"
+        b"610947572360,,\xc9\xcc\xc6\xb7\n"  # GBK, not UTF-8
+        b"700112233445;;semicolons\n"
+        b"700112233446,,fine\r\n")
+    watchlist = read_watchlist(path)
+    assert [str(i) for i in watchlist.items] == ["652702302959", "624282357434", "700112233446"]
+    assert watchlist.entries[0].note == "unclosed quote"
+    assert len(watchlist.problems) == 2
+    assert watchlist.problems[0].startswith(f"{path} line 5: not UTF-8") and "CSV UTF-8" in watchlist.problems[0]
+    assert watchlist.problems[1].startswith(f"{path} line 6:") and "not ';'" in watchlist.problems[1]
+
+
+def test_watchlist_saved_by_excel_as_utf16_is_read(tmp_path):
+    path = tmp_path / "watchlist.csv"
+    path.write_bytes("item_id,spec_id,note\r\n652702302959,,商品\r\n".encode("utf-16"))
+    watchlist = read_watchlist(path)
+    assert [str(i) for i in watchlist.items] == ["652702302959"] and watchlist.entries[0].note == "商品"
+    assert watchlist.problems == []
+
+
+def test_watch_add_and_remove_keep_comments_bad_rows_and_permissions(tmp_path):
+    path = tmp_path / "watchlist.csv"
+    original = b"item_id,spec_id,note\n# keep me\nabc,,fix me later\n652702302959,,doc\n\xff\xfe-not-utf8\n"
+    path.write_bytes(original)
+    path.chmod(0o644)
+    added = add_items(path, [WatchedItem(624282357434), WatchedItem(652702302959)], note="two\nlines")
+    assert added == [WatchedItem(624282357434)]
+    assert path.read_bytes() == original + b"624282357434,,two lines\n"
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert remove_items(path, [WatchedItem(652702302959)]) == [WatchedItem(652702302959)]
+    assert path.read_bytes() == original.replace(b"652702302959,,doc\n", b"") + b"624282357434,,two lines\n"
+    assert len(read_watchlist(path).problems) == 2  # still there for the user to fix

@@ -378,3 +378,27 @@ def test_host_time_zone_never_moves_a_day(tmp_path):
     assert dumps["UTC"]["api_calls_daily"][0]["call_date_cn"] == "2025-07-24"
     assert dumps["UTC"]["sales_trend_daily"][0]["date"] == "2025-06-24"
     assert dumps["UTC"]["item_statistics"][0]["publish_time"].startswith("2024-06-27 01:22:26")
+
+
+def test_cli_commands_say_what_is_wrong_instead_of_a_traceback(project, sandbox_api, monkeypatch):
+    add_items(project / "watchlist.csv", items(2, start=1300))
+    assert refresh(None, progress=False).ok
+    monkeypatch.setenv("TMAPI_DUCKDB_LOCK_TIMEOUT_S", "0.5")
+    holder = hold_lock(project / "tmapi.duckdb", seconds=30)
+    try:
+        for command in (["kpis"], ["reparse"], ["publish"]):
+            result = CliRunner().invoke(cli, command)
+            assert result.exit_code == 2, (command, result.output)
+            assert f"error: DuckDB file {project / 'tmapi.duckdb'} is locked by PID {holder.pid}" in result.output
+            assert "Traceback" not in result.output
+    finally:
+        holder.kill()
+        holder.wait()
+    for name, value, expected in (("TMAPI_CONCURRENCY", "abc", "TMAPI_CONCURRENCY='abc' is not a whole number"),
+                                  ("TMAPI_DUCKDB_LOCK_TIMEOUT_S", "soon", "is not a number"),
+                                  ("TMAPI_AUTH_MODE", "bogus", "use 'query' (?apiToken=...) or 'header'")):
+        monkeypatch.setenv(name, value)
+        result = CliRunner().invoke(cli, ["refresh", "--force", "--quiet"])
+        monkeypatch.delenv(name)
+        assert result.exit_code == 2 and expected in result.output, (name, result.output)
+    assert sandbox_api.stats()["requests_total"] == 2  # none of the refused refreshes called the API

@@ -121,7 +121,7 @@ class RefreshOutcome:
 
 
 def cli_instance() -> DagsterInstance:
-    """The project's instance ($DAGSTER_HOME) without stdout/stderr capture. Dagster captures a run's output by
+    """The project's instance ($DAGSTER_HOME), made safe for runs in threads. No stdout/stderr capture: Dagster captures a run's output by
     redirecting the process's file descriptors 1 and 2 (through a `tee` subprocess per run); the runs of a refresh
     overlap in threads of one process, so each would redirect the others' output, and the CLI's own (the summary)
     ended up in a run's log file. Nothing is lost: the runs' logs are in the event log, and on the console."""
@@ -130,7 +130,13 @@ def cli_instance() -> DagsterInstance:
         overrides={"compute_logs": {"module": "dagster._core.storage.noop_compute_log_manager",
                                     "class": "NoOpComputeLogManager"}},
     )
-    return DagsterInstance.from_ref(ref)
+    instance = DagsterInstance.from_ref(ref)
+    # Each run's start calls logging.config.dictConfig for the python_logs handlers of dagster.yaml (this project
+    # has none). dictConfig takes every handler's lock while holding logging's module lock: with runs in threads it
+    # deadlocked against another run's thread that was inside a handler (storing an event) and asked for the module
+    # lock. No yaml-defined handlers, no dictConfig.
+    instance.get_yaml_python_handlers = lambda: []
+    return instance
 
 
 def sync_partitions(instance: DagsterInstance, wanted: list[str]) -> list[str]:

@@ -1,0 +1,165 @@
+"""The host-wide cap on API calls (tmapi_assets/call_slots.py) and the attempt writer that feeds DuckDB from a thread.
+
+Real processes, real flocks, the sandbox over real HTTP.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tmapi_assets import pipeline
+from tmapi_assets.call_slots import CallSlots
+from tmapi_assets.client import AsyncTmapiClient, ClientSettings
+from tmapi_assets.errors import WarehouseLockedError
+from tmapi_assets.ids import WatchedItem
+from tmapi_assets.sandbox import SandboxProcess
+from tmapi_assets.warehouse import Warehouse
+
+HOLD_SLOTS = """
+import signal, sys, time
+from pathlib import Path
+from tmapi_assets.call_slots import CallSlots
+slots = CallSlots(Path(sys.argv[1]), int(sys.argv[2]))
+held = [slots.try_acquire() for _ in range(int(sys.argv[3]))]
+print("held", held, flush=True)
+time.sleep(60)
+"""
+
+
+def hold_slots(directory: Path, capacity: int, count: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_SLOTS, str(directory), str(capacity), str(count)],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("held") and "None" not in line, line
+    return proc
+
+
+def test_slots_are_exclusive_within_a_process(tmp_path):
+    slots = CallSlots(tmp_path, 2)
+    other = CallSlots(tmp_path, 2)  # a second client of the same process (another run's thread)
+    first, second = slots.try_acquire(), other.try_acquire()
+    assert {first, second} == {0, 1}
+    assert slots.try_acquire() is None and other.try_acquire() is None
+    other.release(second)
+    assert slots.try_acquire() == second
+    assert slots.held_here() == 2
+
+
+def test_slots_held_by_another_process_count_and_are_freed_when_it_is_killed(tmp_path):
+    holder = hold_slots(tmp_path, 3, 2)
+    try:
+        slots = CallSlots(tmp_path, 3)
+        assert slots.try_acquire() is not None
+        assert slots.try_acquire() is None  # 2 held elsewhere + 1 here = the cap
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert slots.try_acquire() is not None and slots.try_acquire() is not None  # the kernel dropped its flocks
+
+
+def test_acquire_waits_for_a_slot_freed_by_another_process(tmp_path):
+    holder = hold_slots(tmp_path, 1, 1)
+    slots = CallSlots(tmp_path, 1)
+    threading.Timer(0.3, holder.kill).start()
+    started = time.monotonic()
+    slot = asyncio.run(asyncio.wait_for(slots.acquire(), 10))
+    holder.wait()
+    assert slot == 0 and time.monotonic() - started >= 0.25 and slots.waits == 1
+
+
+FETCH_IN_CHILD = """
+import asyncio, json, sys
+from pathlib import Path
+from tmapi_assets.call_slots import CallSlots
+from tmapi_assets.client import AsyncTmapiClient, ClientSettings
+from tmapi_assets.ids import WatchedItem
+base, token, slots_dir, first = sys.argv[1:5]
+async def main():
+    settings = ClientSettings(base_url=base, api_token=token, concurrency=3)
+    async with AsyncTmapiClient(settings, call_slots=CallSlots(Path(slots_dir), 3)) as client:
+        results = await client.fetch_many([WatchedItem(int(first) + 7 * i) for i in range(30)])
+    print(json.dumps(sum(r.ok for r in results)))
+asyncio.run(main())
+"""
+
+
+def test_two_processes_and_a_thread_together_never_exceed_the_cap(tmp_path):
+    """Three clients (two processes, plus a thread here) with 3 calls in flight each, one cap of 3: the sandbox,
+    which has no cap of its own here, never sees more than 3 requests at once."""
+    with SandboxProcess(latency_ms=40, concurrency_limit=0) as api:
+        children = [subprocess.Popen([sys.executable, "-c", FETCH_IN_CHILD, api.base_url, api.token, str(tmp_path),
+                                      str(first)], stdout=subprocess.PIPE, text=True)
+                    for first in (1000000000001, 2000000000001)]
+
+        async def here() -> int:
+            settings = ClientSettings(base_url=api.base_url, api_token=api.token, concurrency=3)
+            async with AsyncTmapiClient(settings, call_slots=CallSlots(tmp_path, 3)) as client:
+                results = await client.fetch_many([WatchedItem(3000000000001 + 7 * i) for i in range(30)])
+            return sum(r.ok for r in results)
+
+        landed_here = asyncio.run(here())
+        landed = [json.loads(c.communicate(timeout=120)[0]) for c in children] + [landed_here]
+        stats = api.stats()
+    assert landed == [30, 30, 30]
+    assert stats["requests_total"] == 90
+    assert 2 <= stats["peak_in_flight_all"] <= 3  # calls overlapped across processes, never above the cap
+
+
+def test_a_lock_taken_during_the_fetch_loses_no_paid_answer(tmp_path, monkeypatch):
+    """A BI tool opens the live file while answers arrive: every answer received is kept (spool), none is bought
+    twice, and the next run loads them all. (A flush on the event loop used to cancel calls already answered.)"""
+    monkeypatch.setenv("TMAPI_DATA_DIR", str(tmp_path))
+    db = tmp_path / "tmapi.duckdb"
+    warehouse = Warehouse(db, lock_timeout_s=0.5)
+    warehouse.ensure_schema()
+    batch = [WatchedItem(1000000000000 + 7919 * i) for i in range(1, 25)]
+    with SandboxProcess(latency_ms=80, concurrency_limit=8) as api:
+        settings = ClientSettings(base_url=api.base_url, api_token=api.token, concurrency=2)
+        holder = None
+
+        def take_the_file_once_answers_arrive() -> None:
+            nonlocal holder
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(p.stat().st_size for p in (tmp_path / "spool").glob("*")):
+                time.sleep(0.01)
+            holder = subprocess.Popen(
+                [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}, read_only=True); "
+                 "print('ready', flush=True); time.sleep(8)"], stdout=subprocess.PIPE, text=True)
+            holder.stdout.readline()
+
+        watcher = threading.Thread(target=take_the_file_once_answers_arrive)
+        (tmp_path / "spool").mkdir()
+        watcher.start()
+        try:
+            with pytest.raises(WarehouseLockedError):
+                pipeline.fetch_items(batch, settings=settings, warehouse=warehouse, run_id="r1")
+        finally:
+            watcher.join()
+            if holder is not None:
+                holder.kill()
+                holder.wait()
+        answered = api.stats()["by_status"].get("200", 0)
+        spooled = sum(len(p.read_bytes().splitlines()) for p in (tmp_path / "spool").glob("*.jsonl"))
+        assert answered == len(batch) and api.stats()["requests_total"] == len(batch)
+        assert spooled + count_stored(warehouse) == len(batch) and spooled > 0
+
+        summary = pipeline.fetch_items(batch, settings=settings, warehouse=warehouse, run_id="r2")
+        assert summary.recovered == spooled and summary.calls == 0 and len(summary.skipped_fresh) == len(batch)
+        assert api.stats()["requests_total"] == len(batch)  # nothing bought twice
+    assert count_stored(warehouse) == len(batch)
+    assert list((tmp_path / "spool").glob("*.jsonl")) == []
+
+
+def count_stored(warehouse: Warehouse) -> int:
+    if not warehouse.path.exists():
+        return 0
+    [row] = warehouse.records("SELECT count(*) AS n FROM tmapi.raw_responses WHERE outcome = 'success'")
+    return row["n"]
