@@ -27,5 +27,7 @@ bench: setup
 	$(UV) sync --frozen --compile-bytecode --extra bench
 	$(RUN) python -m bench.run
 
+## Forget everything fetched (warehouse, read copy, spool, halt, Dagster's run history); the watchlist stays.
 clean-data:
-	rm -rf data/tmapi.duckdb data/tmapi.duckdb.wal data/dagster_home
+	rm -rf data/tmapi.duckdb data/tmapi.duckdb.wal data/tmapi_read.duckdb data/spool data/api_slots \
+	       data/api_halt.json data/dagster_home

@@ -324,7 +324,10 @@ def dev(port: int) -> None:
         cwd=config.PROJECT_ROOT, preexec_fn=restore_default_sigint)
     children.insert(0, dagster)
 
+    stopping = []
+
     def stop(signum: int, frame: object) -> None:  # SIGTERM or Ctrl-C: let dagster dev stop its own children
+        stopping.append(signum)
         if dagster.poll() is None:
             dagster.send_signal(signal.SIGINT)
 
@@ -336,7 +339,8 @@ def dev(port: int) -> None:
         for child in children[1:]:
             child.terminate()
             child.wait(timeout=10)
-    sys.exit(0 if return_code in (0, -signal.SIGINT, 130) else return_code)
+    # dagster dev exits 1 ("Aborted!") when told to stop: a stop we asked for is a clean exit, not a failure.
+    sys.exit(0 if stopping or return_code in (0, -signal.SIGINT, 130) else return_code)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class HaltRecord:
 
     def describe(self) -> str:
         return (
-            f"API calls halted since {self.since} ({self.outcome}): {self.message}. "
+            f"API calls halted since {self.since} ({self.outcome}): {self.message.rstrip('.')}. "
             f"Calls resume automatically after {self.until}; to resume earlier: {self.what_to_do}."
         )
 

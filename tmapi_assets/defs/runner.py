@@ -116,7 +116,8 @@ class RefreshOutcome:
         if missing:
             lines.append(f"  {missing} item(s) were not attempted (a run failed or the API halted)")
         for run_id in self.failed_runs:
-            lines.append(f"  run {run_id} failed: see `make dev` (Runs) or data/dagster_home for its logs")
+            lines.append(f"  run {run_id} failed: see its logs in the UI (`make dev`, Runs) or "
+                         f"{os.environ.get('DAGSTER_HOME', 'data/dagster_home')}")
         return "\n".join(lines)
 
 
