@@ -72,10 +72,6 @@ class Spool:
         os.write(self._fd, _encode(response_id, self.run_id, attempt))
         return response_id
 
-    def truncate(self) -> None:
-        """Everything written so far is in DuckDB."""
-        os.ftruncate(self._fd, 0)
-
     def close(self) -> None:
         """Remove the file: call only after everything in it is in DuckDB."""
         if self._fd >= 0:

@@ -59,9 +59,6 @@ class _Pace:
         while now - self.times[0] > self.WINDOW_S:
             self.times.popleft()
 
-    def count(self) -> int:
-        return self.total
-
     def rate(self) -> float:
         now = time.monotonic()
         since = max(now - self.WINDOW_S, self.started)
@@ -122,10 +119,12 @@ class RefreshOutcome:
 
 
 def cli_instance() -> DagsterInstance:
-    """The project's instance ($DAGSTER_HOME), made safe for runs in threads. No stdout/stderr capture: Dagster captures a run's output by
-    redirecting the process's file descriptors 1 and 2 (through a `tee` subprocess per run); the runs of a refresh
-    overlap in threads of one process, so each would redirect the others' output, and the CLI's own (the summary)
-    ended up in a run's log file. Nothing is lost: the runs' logs are in the event log, and on the console."""
+    """The project's instance ($DAGSTER_HOME), made safe for runs in threads of one process.
+
+    No stdout/stderr capture: Dagster captures a run's output by redirecting the process's file descriptors 1 and 2
+    (through a `tee` subprocess per run); overlapping runs redirected each other's output, and the CLI's own (the
+    summary) ended up in a run's log file. Nothing is lost: the runs' logs are in the event log, and on the console.
+    """
     ref = InstanceRef.from_dir(
         os.environ["DAGSTER_HOME"],
         overrides={"compute_logs": {"module": "dagster._core.storage.noop_compute_log_manager",
@@ -212,11 +211,14 @@ def refresh(
     # disable=None: a bar on a terminal, nothing in CI logs.
     bar = tqdm(total=len(pending), unit="item", disable=None if progress else True)
     reported: dict[WatchedItem, str] = {}
+    halted: list[str] = []  # a final outcome that stops every further call (quota, credentials, URL)
     changed = threading.Condition()
 
     def on_item(item: WatchedItem, final: str) -> None:
         with changed:
             reported[item] = final
+            if final in _HALTING:
+                halted.append(final)
             pace = finished_at.get(range_of.get(item.partition_key, -1))
             if pace is not None:
                 pace.tick()
@@ -240,15 +242,15 @@ def refresh(
             with changed:
                 changed.notify_all()
 
-    # Runs overlap: the next run starts when the current one has about two rounds of calls left, so its start-up
-    # happens while those calls finish, its own calls follow on at once, and the current run's writes and checks
-    # happen while the next one calls the API. The host-wide call slots (call_slots.py) keep the overlapping runs'
+    # Runs overlap: the next run starts when the current one has about NEXT_RUN_LEAD_S of calls left, so its
+    # start-up happens while those calls finish, its own calls follow on at once, and the current run's writes and
+    # checks happen while the next one calls the API. The host-wide call slots (call_slots.py) keep the overlapping runs'
     # calls under TMAPI_CONCURRENCY together; at most MAX_OVERLAPPING_RUNS are alive at once.
     lead_items = 2 * config.env_int("TMAPI_CONCURRENCY", 4)
 
     def nearly_done(n: int, thread: threading.Thread) -> bool:
         """The run's remaining calls take about as long as a run takes to start (at its recent pace), or less."""
-        left = sizes[n] - finished_at[n].count()
+        left = sizes[n] - finished_at[n].total
         return not thread.is_alive() or left <= lead_items or left <= finished_at[n].rate() * NEXT_RUN_LEAD_S
 
     threads: list[threading.Thread] = []
@@ -262,12 +264,12 @@ def refresh(
             thread.start()
             threads.append(thread)
             with changed:
-                while not (_HALTING & set(reported.values())):
+                while not halted:
                     alive = sum(t.is_alive() for t in threads)
                     if nearly_done(n, thread) and alive < MAX_OVERLAPPING_RUNS:
                         break
                     changed.wait(0.5)
-                if _HALTING & set(reported.values()):
+                if halted:
                     break  # quota, credentials or URL: every further call would fail the same way
         for thread in threads:
             thread.join()

@@ -327,8 +327,6 @@ class SalesEndpoint:
             await _drop_connection(receive, send)
             return 0
         await _send_bytes(send, status, body, API_CT)
-        if status == 200 and not body:
-            await send({"type": "http.response.body", "body": b""})
         return status
 
     def _answer(self, token: str, item: str, spec: str) -> tuple[int, bytes]:
