@@ -334,6 +334,10 @@ def test_readers_use_the_published_copy_and_never_block_the_pipeline(project, sa
     reader = duckdb.connect(str(copy), read_only=True)  # a BI tool keeps the copy open all day
     try:
         assert reader.execute("SELECT count(*) FROM tmapi.item_kpis").fetchone()[0] == 3
+        # The ledger is there (views too), the verbatim bodies stay in the live file.
+        assert reader.execute("SELECT count(*), count(body), count(body_bytes) FROM tmapi.raw_responses"
+                              ).fetchone() == (3, 0, 0)
+        assert reader.execute("SELECT sum(calls) FROM tmapi.api_calls_daily").fetchone()[0] == 3
         add_items(project / "watchlist.csv", items(2, start=1200))
         assert refresh(None, progress=False).ok  # not blocked by the reader
         assert reader.execute("SELECT count(*) FROM tmapi.item_kpis").fetchone()[0] == 3  # its snapshot

@@ -413,6 +413,10 @@ class Warehouse:
         BI tools and dbt read the copy, never the live file, so they never block the pipeline's writes (DuckDB
         allows one writing process, and a reader of the live file would hold a lock). A reader that has the old
         copy open keeps reading it; the next open sees the new one.
+
+        Every table and view is copied, but raw_responses without its bodies (body, body_bytes are NULL there):
+        the bodies are the pipeline's (reparse), they grow without end, and copying them after every run made
+        each publish cost time and memory in proportion to all history ever fetched.
         """
         target = Path(target)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -421,7 +425,10 @@ class Warehouse:
         try:
             with self.connect() as conn:
                 conn.execute(f"ATTACH {_quote(str(staging))} AS published")
-                conn.execute(f"COPY FROM DATABASE {CATALOG} TO published")
+                conn.execute(f"COPY FROM DATABASE {CATALOG} TO published (SCHEMA)")
+                for table in TABLES:
+                    columns = " REPLACE (NULL AS body, NULL AS body_bytes)" if table == "raw_responses" else ""
+                    conn.execute(f"INSERT INTO published.{SCHEMA}.{table} SELECT *{columns} FROM {SCHEMA}.{table}")
                 conn.execute("DETACH published")
             os.replace(staging, target)
         finally:
