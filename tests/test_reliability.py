@@ -406,3 +406,28 @@ def test_cli_commands_say_what_is_wrong_instead_of_a_traceback(project, sandbox_
         monkeypatch.delenv(name)
         assert result.exit_code == 2 and expected in result.output, (name, result.output)
     assert sandbox_api.stats()["requests_total"] == 2  # none of the refused refreshes called the API
+
+
+def test_a_refresh_blocked_by_a_lock_says_so_in_a_few_lines(project, sandbox_api):
+    """The whole refresh finds the live file held by another program: a short summary naming the holder, the run
+    failure in one line, the items grouped, no stack trace (those are in the UI and with --verbose)."""
+    batch = items(12, start=1400)
+    add_items(project / "watchlist.csv", batch)
+    Warehouse(project / "tmapi.duckdb").ensure_schema()
+    holder = hold_lock(project / "tmapi.duckdb", seconds=120, read_only=True)
+    try:  # a process of its own: the step retry delay is read when Dagster's definitions are imported
+        proc = subprocess.run([sys.executable, "-m", "tmapi_assets.cli", "refresh", "--quiet"], capture_output=True,
+                              text=True, timeout=120, env=env_for(project, sandbox_api, TMAPI_DUCKDB_LOCK_TIMEOUT_S="0.3",
+                                                                  TMAPI_STEP_RETRY_DELAY_S="0.1"))
+    finally:
+        holder.kill()
+        holder.wait()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output
+    assert "Traceback" not in output and len(output.strip().splitlines()) <= 8, output
+    assert f"locked by PID {holder.pid}" in output
+    assert "failed: tmapi__raw_responses: DuckDB file" in output
+    assert "FAILED 12 items (" in output
+    assert sandbox_api.stats()["requests_total"] == 0  # nothing bought while answers could not be stored
+    assert refresh(None, progress=False).ok
+    assert sandbox_api.stats()["requests_total"] == len(batch)

@@ -141,7 +141,7 @@ def run_refresh(items: list[WatchedItem] | None, *, force: bool = False, quiet: 
     _prepare_dagster_home()
     try:
         outcome = refresh_runner.refresh(items, force=force, progress=not quiet,
-                                         log_level="DEBUG" if verbose else "WARNING")
+                                         log_level="DEBUG" if verbose else "CRITICAL")  # the summary says what failed
     except TmapiError as exc:
         click.echo(f"error: {exc}", err=True)
         return 2

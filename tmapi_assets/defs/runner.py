@@ -11,7 +11,7 @@ from collections import Counter, deque
 from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass, field
 
-from dagster import DagsterInstance
+from dagster import DagsterEventType, DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 from tqdm import tqdm
 
@@ -71,6 +71,7 @@ class RefreshOutcome:
     items: int = 0
     run_ids: list[str] = field(default_factory=list)
     failed_runs: list[str] = field(default_factory=list)
+    run_failures: dict[str, str] = field(default_factory=dict)  # failed run id -> what failed, from its event log
     final: dict[WatchedItem, str] = field(default_factory=dict)  # item -> final outcome (or "fresh")
     errors: dict[WatchedItem, str] = field(default_factory=dict)  # item -> last error message from the ledger
     calls: int = 0
@@ -105,17 +106,44 @@ class RefreshOutcome:
             + (f" ({self.calls / self.landed:.2f} per landed item)" if self.landed else ""),
         ]
         lines += [f"  note: {problem}" for problem in self.problems]
-        for item in self.not_landed[:30]:
-            lines.append(f"  FAILED {item}: {self.errors.get(item) or self.final[item]}")
-        if len(self.not_landed) > 30:
-            lines.append(f"  … and {len(self.not_landed) - 30} more (see tmapi.raw_responses)")
+        for run_id in self.failed_runs:
+            reason = self.run_failures.get(run_id) or "see its logs in the UI (`make dev`, Runs)"
+            lines.append(f"  run {run_id} failed: {reason}")
+        # Items that failed the same way are one line (a locked file or a dead run fails hundreds at once).
+        by_error: dict[str, list[WatchedItem]] = {}
+        for item in self.not_landed:
+            by_error.setdefault(self.errors.get(item) or self.final[item], []).append(item)
+        for error, items in sorted(by_error.items(), key=lambda kv: -len(kv[1]))[:30]:
+            if len(items) == 1:
+                lines.append(f"  FAILED {items[0]}: {error}")
+            else:
+                lines.append(f"  FAILED {len(items)} items ({_short(items)}): {error}")
+        if len(by_error) > 30:
+            lines.append(f"  … and {len(by_error) - 30} more errors (see tmapi.raw_responses)")
         missing = self.items - len(self.final)
         if missing:
             lines.append(f"  {missing} item(s) were not attempted (a run failed or the API halted)")
-        for run_id in self.failed_runs:
-            lines.append(f"  run {run_id} failed: see its logs in the UI (`make dev`, Runs) or "
-                         f"{os.environ.get('DAGSTER_HOME', 'data/dagster_home')}")
         return "\n".join(lines)
+
+
+def _short(items: list[WatchedItem], limit: int = 5) -> str:
+    return ", ".join(str(i) for i in items[:limit]) + (f" … +{len(items) - limit}" if len(items) > limit else "")
+
+
+def _run_failure(instance: DagsterInstance, run_id: str) -> str | None:
+    """The first step failure of a run, in one line (the summary says what broke without a stack trace)."""
+    for entry in instance.all_logs(run_id, of_type=DagsterEventType.STEP_FAILURE):
+        error = entry.dagster_event.step_failure_data.error
+        if error is not None:
+            while error.cause is not None and error.cls_name in ("RetryRequestedFromPolicy",
+                                                                  "DagsterExecutionStepExecutionError"):
+                error = error.cause
+            message = error.message.strip().splitlines()[0]
+            prefix = f"{error.cls_name}: "  # Dagster writes "module.Class: text"
+            if prefix in message:
+                message = message.split(prefix, 1)[1]
+            return f"{entry.step_key}: {message}"
+    return None
 
 
 def cli_instance() -> DagsterInstance:
@@ -232,10 +260,12 @@ def refresh(
             tags[FORCE_TAG] = "true"
         try:
             result = job.execute_in_process(instance=instance, tags=tags, run_config=run_config, raise_on_error=False)
+            reason = None if result.success else _run_failure(instance, result.run_id)
             with changed:
                 outcome.run_ids.append(result.run_id)
                 if not result.success:
                     outcome.failed_runs.append(result.run_id)
+                    outcome.run_failures[result.run_id] = reason
         except BaseException as exc:  # Dagster itself failed: raised in the main thread once every run has ended
             crashes.append(exc)
         finally:

@@ -163,7 +163,7 @@ class Warehouse:
                 if time.monotonic() >= deadline:
                     raise WarehouseLockedError(
                         f"DuckDB file {self.path} is locked by {_holder_description(str(exc))}; waited "
-                        f"{self.lock_timeout_s:.0f} s. DuckDB allows one writing process: close that program "
+                        f"{self.lock_timeout_s:g} s. DuckDB allows one writing process: close that program "
                         "(or point BI tools at the published read-only copy) and run again. Nothing was lost: "
                         "this step can be retried."
                     ) from exc
