@@ -173,7 +173,9 @@ def status() -> None:
         [today] = warehouse.records(
             """SELECT count(*) AS calls,
                       count(*) FILTER (WHERE outcome IN ('success', 'no_data')) AS landed_calls,
-                      max(fetched_at) FILTER (WHERE outcome IN ('success', 'no_data')) AS last_success
+                      strftime(timezone('Asia/Shanghai',
+                                        max(fetched_at) FILTER (WHERE outcome IN ('success', 'no_data'))),
+                               '%Y-%m-%d %H:%M:%S') AS last_success
                FROM tmapi.raw_responses
                WHERE CAST(timezone('Asia/Shanghai', fetched_at) AS DATE)
                    = CAST(timezone('Asia/Shanghai', now()) AS DATE)""")
@@ -182,7 +184,7 @@ def status() -> None:
         return
     click.echo(f"warehouse   {path}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
     click.echo(f"today (CN)  {today['calls']} API call(s), {today['landed_calls']} landed; "
-               f"last success {today['last_success'] or '-'}")
+               f"last success {today['last_success'] or '-'} (China time)")
 
 
 @main.command()
@@ -278,6 +280,8 @@ def demo(keep_sandbox: bool) -> None:
         counts = warehouse.table_counts()
         click.echo("\n" + ", ".join(f"tmapi.{t}: {n} rows" for t, n in counts.items()))
         click.echo(f"DuckDB file: {config.duckdb_path()}  (open the UI with `make dev`)")
+        click.echo("(652702302959 is the API documentation's example answer: its history ends on 2025-07-23, and "
+                   "its KPI windows count back from that day)")
         if keep_sandbox:
             click.echo("sandbox still running; Ctrl-C to stop")
             try:
