@@ -325,7 +325,9 @@ def dev(port: int) -> None:
 
     dagster = subprocess.Popen(
         [sys.executable, "-m", "dagster", "dev", "-w", str(config.PROJECT_ROOT / "workspace.yaml"), "-p", str(port)],
-        cwd=config.PROJECT_ROOT, preexec_fn=restore_default_sigint)
+        # From DAGSTER_HOME: started in the project folder, Dagster warns that ./dagster.yaml "will not be used",
+        # though the project copied that very file into DAGSTER_HOME.
+        cwd=home, preexec_fn=restore_default_sigint)
     children.insert(0, dagster)
 
     stopping = []
