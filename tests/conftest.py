@@ -1,6 +1,8 @@
 """Shared test helpers: the field cases of ../shared/cases, the sandbox API, and a fresh project directory."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,17 @@ def install_dagster_yaml(home: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_bytes(PROJECT_DAGSTER_YAML.read_bytes())
     return home
+
+
+def hold_lock(path: Path, seconds: float, read_only: bool = False) -> subprocess.Popen:
+    """Another process (a BI tool, dbt) holding the DuckDB file open; returns once it holds it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import duckdb, time; c = duckdb.connect({str(path)!r}, read_only={read_only}); "
+         f"print('ready', flush=True); time.sleep({seconds})"],
+        stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
 
 
 def load_field_cases(name: str) -> tuple[list, str | None]:

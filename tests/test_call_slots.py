@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import hold_lock
 from tmapi_assets import pipeline
 from tmapi_assets.call_slots import CallSlots
 from tmapi_assets.client import AsyncTmapiClient, ClientSettings
@@ -130,10 +131,7 @@ def test_a_lock_taken_during_the_fetch_loses_no_paid_answer(tmp_path, monkeypatc
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not any(p.stat().st_size for p in (tmp_path / "spool").glob("*")):
                 time.sleep(0.01)
-            holder = subprocess.Popen(
-                [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}, read_only=True); "
-                 "print('ready', flush=True); time.sleep(8)"], stdout=subprocess.PIPE, text=True)
-            holder.stdout.readline()
+            holder = hold_lock(db, seconds=8, read_only=True)
 
         watcher = threading.Thread(target=take_the_file_once_answers_arrive)
         (tmp_path / "spool").mkdir()

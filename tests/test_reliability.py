@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from dagster import DagsterInstance, build_schedule_context, build_sensor_context
 
-from conftest import install_dagster_yaml
+from conftest import hold_lock, install_dagster_yaml
 from tmapi_assets import halt as halt_state
 from tmapi_assets.cli import main as cli
 from tmapi_assets.client import AsyncTmapiClient, ClientSettings
@@ -271,16 +271,6 @@ def test_reparse_rebuilds_everything_from_raw_without_calling_the_api(project, s
 
 
 # ------------------------------------------------------------------------------------------------ DuckDB locks
-def hold_lock(path: Path, seconds: float, read_only: bool = False) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-c",
-         f"import duckdb, time; c = duckdb.connect({str(path)!r}, read_only={read_only}); "
-         f"print('ready', flush=True); time.sleep({seconds})"],
-        stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    return proc
-
-
 def test_a_bi_tool_holding_the_file_makes_the_step_wait_fail_retry_and_land(project, sandbox_api, monkeypatch):
     monkeypatch.setenv("TMAPI_DUCKDB_LOCK_TIMEOUT_S", "1")
     monkeypatch.setenv("TMAPI_STEP_RETRY_DELAY_S", "1")

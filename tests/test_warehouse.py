@@ -1,8 +1,6 @@
 """The warehouse: raw storage, normalise + upsert, KPIs in SQL, lock discipline. No network."""
 
 import json
-import subprocess
-import sys
 import time
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -10,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import hold_lock
 from tmapi_assets import pipeline
 from tmapi_assets.client import Attempt
 from tmapi_assets.errors import Outcome, WarehouseLockedError
@@ -204,13 +203,8 @@ def test_freshness_query(warehouse):
 def test_locked_file_fails_within_the_timeout_naming_the_holder(tmp_path):
     path = tmp_path / "tmapi.duckdb"
     Warehouse(path).ensure_schema()
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         f"import duckdb, time; c = duckdb.connect({str(path)!r}); print('ready', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )
+    holder = hold_lock(path, seconds=60)
     try:
-        assert holder.stdout.readline().strip() == "ready"
         started = time.monotonic()
         with pytest.raises(WarehouseLockedError) as info:
             Warehouse(path, lock_timeout_s=1.0).table_counts()

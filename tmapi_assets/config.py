@@ -68,6 +68,11 @@ def is_local(url: str) -> bool:
     return httpx.URL(url).host in ("127.0.0.1", "localhost", "::1") if "://" in url else False
 
 
+def api_concurrency() -> int:
+    """TMAPI_CONCURRENCY: the API's concurrency cap, calls in flight on this machine across all runs."""
+    return env_int("TMAPI_CONCURRENCY", 4)
+
+
 def auth_mode() -> str:
     """TMAPI_AUTH_MODE: 'query' (?apiToken=) or 'header' (apikey:)."""
     value = os.environ.get("TMAPI_AUTH_MODE", "") or "query"

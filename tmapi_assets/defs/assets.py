@@ -62,7 +62,7 @@ def retry_only_transient():
         raise Failure(description=str(exc), allow_retries=False) from exc
 
 
-def _short_list(values, limit: int = 20) -> str:
+def short_list(values, limit: int = 20) -> str:
     values = [str(v) for v in values]
     return ", ".join(values[:limit]) + (f" … (+{len(values) - limit})" if len(values) > limit else "")
 
@@ -104,7 +104,7 @@ def raw_responses(
         "failed": len(summary.failed),
         "halted": len(summary.halted),
         "api_calls": summary.calls,
-        "failed_items": MetadataValue.text(_short_list(summary.failed)),
+        "failed_items": MetadataValue.text(short_list(summary.failed)),
     }
     context.log.info(
         f"{len(summary.landed)} landed, {len(summary.skipped_fresh)} fresh (no call), {len(summary.failed)} failed, "
@@ -144,7 +144,7 @@ def normalised_tables(context: AssetExecutionContext, warehouse: WarehouseResour
         context.log.error(error)
     if summary.missing:
         context.log.warning(f"no successful response stored yet for {len(summary.missing)} items: "
-                            f"{_short_list(summary.missing)}")
+                            f"{short_list(summary.missing)}")
     common = {"items": summary.items, "missing": len(summary.missing), "parse_errors": len(summary.parse_errors)}
     yield MaterializeResult(asset_key=ITEM_STATISTICS, metadata={**common, "no_data": len(summary.no_data)})
     yield MaterializeResult(asset_key=SALES_TREND, metadata={**common, "rows_upserted": summary.sales_rows})

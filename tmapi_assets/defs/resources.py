@@ -61,7 +61,7 @@ def default_resources() -> dict[str, object]:
             # EnvVar: Dagster resolves it at run time and stores only the variable's name, never the value.
             api_token=EnvVar("TMAPI_API_TOKEN") if _token_in_env() else config.api_token(),
             auth_mode=config.auth_mode(),  # type: ignore[arg-type]
-            concurrency=config.env_int("TMAPI_CONCURRENCY", 4),
+            concurrency=config.api_concurrency(),
             max_attempts=config.env_int("TMAPI_MAX_ATTEMPTS", 4),
             timeout_s=config.env_float("TMAPI_TIMEOUT_S", 60.0),
             fresh_within_hours=config.fresh_within_hours(),

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from tmapi_assets import config, pipeline
 from tmapi_assets.defs import build_definitions
-from tmapi_assets.defs.assets import FORCE_TAG, PARTITIONS_PER_RUN
+from tmapi_assets.defs.assets import FORCE_TAG, PARTITIONS_PER_RUN, short_list
 from tmapi_assets.defs.automation import (
     HOST_TAG,
     LAUNCHED_BY_TAG,
@@ -117,17 +117,13 @@ class RefreshOutcome:
             if len(items) == 1:
                 lines.append(f"  FAILED {items[0]}: {error}")
             else:
-                lines.append(f"  FAILED {len(items)} items ({_short(items)}): {error}")
+                lines.append(f"  FAILED {len(items)} items ({short_list(items, limit=5)}): {error}")
         if len(by_error) > 30:
             lines.append(f"  … and {len(by_error) - 30} more errors (see tmapi.raw_responses)")
         missing = self.items - len(self.final)
         if missing:
             lines.append(f"  {missing} item(s) were not attempted (a run failed or the API halted)")
         return "\n".join(lines)
-
-
-def _short(items: list[WatchedItem], limit: int = 5) -> str:
-    return ", ".join(str(i) for i in items[:limit]) + (f" … +{len(items) - limit}" if len(items) > limit else "")
 
 
 def _run_failure(instance: DagsterInstance, run_id: str) -> str | None:
@@ -276,7 +272,7 @@ def refresh(
     # start-up happens while those calls finish, its own calls follow on at once, and the current run's writes and
     # checks happen while the next one calls the API. The host-wide call slots (call_slots.py) keep the overlapping runs'
     # calls under TMAPI_CONCURRENCY together; at most MAX_OVERLAPPING_RUNS are alive at once.
-    lead_items = 2 * config.env_int("TMAPI_CONCURRENCY", 4)
+    lead_items = 2 * config.api_concurrency()
 
     def nearly_done(n: int, thread: threading.Thread) -> bool:
         """The run's remaining calls take about as long as a run takes to start (at its recent pace), or less."""
