@@ -16,6 +16,7 @@ import pytest
 
 from tmapi_assets.errors import TmapiError
 from tmapi_assets.parsing import (
+    MAX_INT,
     SHANGHAI,
     DisplayCount,
     MalformedDataError,
@@ -681,3 +682,11 @@ def test_parse_throughput_sanity():
     for body in bodies:
         parse_statistics(body)
     assert time.perf_counter() - start < 2.0
+
+
+def test_daily_sales_that_add_up_past_bigint_are_refused_not_overflowed():
+    rows = [{"date": f"2025-06-2{d}", "sales_quantity": MAX_INT, "order_quantity": 1} for d in (4, 5)]
+    with pytest.raises(MalformedDataError) as caught:
+        parse_statistics({"sales_trend": rows})
+    assert caught.value.field == "data.sales_trend" and "more than" in caught.value.problem
+    assert parse_statistics({"sales_trend": rows[:1]}).sum30.observed == MAX_INT  # one such day is a count

@@ -756,6 +756,11 @@ def parse_statistics(data: object) -> ParsedStatistics | None:
 
     last = sales_trend[-30:]
     observed = sum(filter(None, map(_sales_quantity, last)))  # None counts as 0
+    if observed > MAX_INT:
+        raise MalformedDataError(
+            f"the daily sales_quantity of the last {len(last)} rows add up to more than {MAX_INT}: not real counts",
+            field="data.sales_trend",
+        )
     sum30 = Sum30Check(
         expected=sales_30,
         observed=observed,

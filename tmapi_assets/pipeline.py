@@ -20,7 +20,7 @@ from tmapi_assets.client import AsyncTmapiClient, Attempt, ClientSettings, Fetch
 from tmapi_assets.errors import OUTCOME_ACTION, Action, ApiError
 from tmapi_assets.ids import WatchedItem
 from tmapi_assets.halt import PersistentHalt
-from tmapi_assets.parsing import MalformedDataError, parse_statistics
+from tmapi_assets.parsing import MalformedDataError, parse_display_count, parse_statistics
 from tmapi_assets.spool import Spool, orphans
 from tmapi_assets.warehouse import Observation, Warehouse
 
@@ -243,18 +243,33 @@ class NormaliseSummary:
 
 
 def normalise_items(
-    warehouse: Warehouse, items: Sequence[WatchedItem] | None = None, chunk_size: int = 2000
+    warehouse: Warehouse,
+    items: Sequence[WatchedItem] | None = None,
+    chunk_size: int = 2000,
+    *,
+    in_sql: bool = True,
 ) -> NormaliseSummary:
-    """Parse the newest successful stored response of each item; upsert statistics and trends (KPIs are
-    Warehouse.refresh_kpis).
+    """Parse the newest successful stored response of each item (every item when None); upsert statistics and
+    trends (KPIs are Warehouse.refresh_kpis).
 
+    Bodies of the plain documented shape are parsed and loaded in bulk inside DuckDB
+    (Warehouse.load_stored_responses); every other body goes through parsing.parse_statistics, which reads the
+    lenient forms ("12" for 12, " 11.0", duplicate dates, ...) or names the field it cannot read. Both give the
+    same rows for the same body; in_sql=False sends every body through Python (tests compare the two).
     Never calls the API: run it again after a parser fix to rebuild everything from tmapi.raw_responses.
     """
     summary = NormaliseSummary()
+    if in_sql:
+        loaded = warehouse.load_stored_responses(items, _read_display)
+        summary.items, summary.sales_rows, summary.price_rows = loaded.items, loaded.sales_rows, loaded.price_rows
+        summary.no_data, summary.missing = loaded.no_data, loaded.missing
+        if not loaded.left_to_python:
+            return summary
+        items = loaded.left_to_python
     stored = warehouse.latest_successes(items)
     if items is not None:
         have = {s.item for s in stored}
-        summary.missing = [i for i in items if i not in have]
+        summary.missing += [i for i in items if i not in have]
     for start in range(0, len(stored), chunk_size):
         observations: list[Observation] = []
         for response in stored[start : start + chunk_size]:
@@ -270,15 +285,33 @@ def normalise_items(
             if parsed is None:
                 summary.no_data.append(response.item)
             observations.append(Observation(response.item, response.response_id, response.fetched_at, parsed))
-        loaded = warehouse.load_observations(observations)
-        summary.items += loaded["items"]
-        summary.sales_rows += loaded["sales_rows"]
-        summary.price_rows += loaded["price_rows"]
+        loaded_rows = warehouse.load_observations(observations)
+        summary.items += loaded_rows["items"]
+        summary.sales_rows += loaded_rows["sales_rows"]
+        summary.price_rows += loaded_rows["price_rows"]
     return summary
 
 
+def _read_display(text: str) -> tuple[int | None, bool | None] | None:
+    """A display total for the SQL path: (lower bound, approximate?), None if the Python path must refuse it."""
+    try:
+        count = parse_display_count(text)
+    except MalformedDataError:
+        return None
+    return count.lower_bound, count.is_lower_bound
+
+
+def _first_key_wins(pairs: list[tuple[str, object]]) -> dict:
+    obj: dict = {}
+    for key, value in pairs:
+        obj.setdefault(key, value)
+    return obj
+
+
 def _json_object(body: str) -> dict:
-    payload = json.loads(body.lstrip("\ufeff"))  # stored bodies are text; a BOM may have come with them
+    # Stored bodies are text; a BOM may have come with them. A key repeated in one object: the first counts, as in
+    # DuckDB's JSON reader (the SQL path), so both paths read the same body the same way.
+    payload = json.loads(body.lstrip("\ufeff"), object_pairs_hook=_first_key_wins)
     if not isinstance(payload, dict):
         raise MalformedDataError("response body is not a JSON object")
     return payload

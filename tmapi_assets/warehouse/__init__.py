@@ -16,9 +16,9 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -99,6 +99,210 @@ class Observation:
     response_id: str
     fetched_at: datetime
     parsed: ParsedStatistics | None
+
+
+# A display total as read by parsing.parse_display_count: (lower bound, approximate?), or None when the Python
+# parser must handle the whole response (the text is refused there, with its reason).
+DisplayReader = Callable[[str], "tuple[int | None, bool | None] | None"]
+
+
+@dataclass
+class StoredLoad:
+    """What Warehouse.load_stored_responses did."""
+
+    items: int = 0  # statistics rows written
+    sales_rows: int = 0
+    price_rows: int = 0
+    no_data: list[WatchedItem] = field(default_factory=list)
+    left_to_python: list[WatchedItem] = field(default_factory=list)  # bodies not of the plain shape
+    missing: list[WatchedItem] = field(default_factory=list)  # asked for, but no successful response stored
+
+
+# The plain, documented body shape, read in one pass by DuckDB's JSON reader. Leaves are read as text and checked
+# below exactly as strictly as the Python parser would; the two display totals stay JSON (their type matters).
+_BODY_SHAPE = (
+    '{"data": {"publish_time": "VARCHAR", "sales_quantity_30days": "VARCHAR", "sales_quantity_total": "JSON", '
+    '"order_quantity_total": "JSON", '
+    '"sales_trend": [{"date": "VARCHAR", "sales_quantity": "VARCHAR", "order_quantity": "VARCHAR"}], '
+    '"price_trend": [{"date": "VARCHAR", "price_min": "VARCHAR", "price_max": "VARCHAR"}]}}'
+)
+
+# Each value is checked as strictly as the Python parser checks it; a body with anything else (a quantity "12.0",
+# " 12" or "012", a price "11,0", a date "2025-6-24", a repeated date, more than 30 sales rows, a display total that
+# is a float, ...) goes to the Python parser whole. Written-back casts ("is it its own canonical text?") instead of
+# regular expressions where possible: these run on every value.
+_QUANTITY_OK = "({0} IS NULL OR (TRY_CAST({0} AS BIGINT) >= 0 AND CAST(TRY_CAST({0} AS BIGINT) AS VARCHAR) = {0}))"
+_PRICE_OK = r"({0} IS NULL OR regexp_full_match({0}, '0*[0-9]{{1,12}}(\.[0-9]{{1,4}})?'))"
+_DATE_OK = "CAST(TRY_CAST({0} AS DATE) AS VARCHAR) = {0}"  # also refuses year 0000 (DuckDB: "0001-01-01 (BC)")
+# Publish times before 1992 go to Python (the reference): China had summer time 1986-91 and local mean time before
+# 1901, where two tz databases could disagree.
+_PUBLISH_OK = r"""(publish_time_text IS NULL
+    OR (regexp_full_match(publish_time_text, '[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}')
+        AND year(try_strptime(publish_time_text, '%Y-%m-%d %H:%M:%S')) BETWEEN 1992 AND 2199))"""
+_DISPLAY_TYPE_OK = """(coalesce({0}_total_type, 'NULL') IN ('NULL', 'VARCHAR')
+    OR ({0}_total_type = 'UBIGINT' AND TRY_CAST({0}_total_json AS BIGINT) IS NOT NULL))"""
+_ROWS_OK = "coalesce(list_bool_and(list_transform({0}, lambda r: coalesce({1}, false))), true)"
+_DATES_UNIQUE = "len(list_distinct(list_transform({0}, lambda r: r.date))) = len({0})"
+_BODY_OK = " AND ".join([
+    _PUBLISH_OK,
+    _QUANTITY_OK.format("sales_30_text"),
+    _DISPLAY_TYPE_OK.format("sales"),
+    _DISPLAY_TYPE_OK.format("order"),
+    "len(sales_trend) <= 30",  # so the 30-day check sums every row
+    f"coalesce(list_sum(list_transform(sales_trend, lambda r: TRY_CAST(r.sales_quantity AS BIGINT))), 0) <= {2**63 - 1}",
+    _DATES_UNIQUE.format("sales_trend"),
+    _DATES_UNIQUE.format("price_trend"),
+    _ROWS_OK.format("sales_trend", " AND ".join(
+        [_DATE_OK.format("r.date"), _QUANTITY_OK.format("r.sales_quantity"), _QUANTITY_OK.format("r.order_quantity")])),
+    _ROWS_OK.format("price_trend", " AND ".join(
+        [_DATE_OK.format("r.date"), _PRICE_OK.format("r.price_min"), _PRICE_OK.format("r.price_max")])),
+])
+
+# Step 1: the newest successful response per item, parsed once and checked. kind: 'data', 'no_data' (data null or
+# absent) or 'python'. json_type() parses a body a second time, so it runs only where the reader left a container
+# NULL (data or a trend absent, null, or of the wrong type).
+_NORMALISE_PARSE_SQL = """
+CREATE OR REPLACE TEMP TABLE norm_responses AS
+WITH newest AS (
+    SELECT r.response_id, r.item_id, r.spec_id, r.fetched_at, r.body,
+           CASE WHEN r.body_bytes IS NULL THEN TRY(from_json(r.body, '{shape}')) END AS doc
+    FROM tmapi.raw_responses r {scope}
+    WHERE r.outcome IN ('success', 'no_data')
+    QUALIFY row_number() OVER (
+        PARTITION BY r.item_id, r.spec_id ORDER BY r.fetched_at DESC, r.response_id DESC) = 1
+),
+typed AS (
+    SELECT *,
+           CASE WHEN doc IS NOT NULL
+                     AND (doc.data IS NULL OR doc.data.sales_trend IS NULL OR doc.data.price_trend IS NULL)
+                THEN json_type(body, ['$', '$.data', '$.data.sales_trend', '$.data.price_trend']) END AS types
+    FROM newest
+),
+parsed AS (
+    SELECT response_id, item_id, spec_id, fetched_at,
+        CASE
+            WHEN doc IS NULL THEN 'python'                   -- not JSON, or not UTF-8
+            WHEN types IS NULL THEN 'data'
+            WHEN types[1] IS DISTINCT FROM 'OBJECT' THEN 'python'
+            WHEN coalesce(types[2], 'NULL') = 'NULL' THEN 'no_data'
+            WHEN types[2] <> 'OBJECT' OR coalesce(types[3], 'NULL') NOT IN ('NULL', 'ARRAY')
+                 OR coalesce(types[4], 'NULL') NOT IN ('NULL', 'ARRAY') THEN 'python'
+            ELSE 'data'
+        END AS shape_kind,
+        doc.data.publish_time                                    AS publish_time_text,
+        doc.data.sales_quantity_30days                           AS sales_30_text,
+        json_type(doc.data.sales_quantity_total)                 AS sales_total_type,
+        CAST(doc.data.sales_quantity_total AS VARCHAR)           AS sales_total_json,
+        doc.data.sales_quantity_total ->> '$'                    AS sales_total_text,
+        json_type(doc.data.order_quantity_total)                 AS order_total_type,
+        CAST(doc.data.order_quantity_total AS VARCHAR)           AS order_total_json,
+        doc.data.order_quantity_total ->> '$'                    AS order_total_text,
+        coalesce(doc.data.sales_trend, [])                       AS sales_trend,
+        coalesce(doc.data.price_trend, [])                       AS price_trend
+    FROM typed
+)
+SELECT * EXCLUDE (shape_kind),
+       CASE WHEN shape_kind = 'data' AND NOT coalesce({body_ok}, false) THEN 'python' ELSE shape_kind END AS kind
+FROM parsed
+"""
+
+# Step 2, once norm_display(text, readable, lower_bound, is_lower_bound) holds the Python reading of every display
+# text: text it refuses sends its body to Python; then the typed rows to upsert.
+_DISPLAY_COLUMNS = """
+    CASE {0}_total_type WHEN 'UBIGINT' THEN {0}_total_json WHEN 'VARCHAR' THEN {0}_total_text END
+                                                                          AS {0}_quantity_total_raw,
+    CASE {0}_total_type WHEN 'UBIGINT' THEN CAST({0}_total_json AS BIGINT) WHEN 'VARCHAR' THEN {0}_display.lower_bound
+    END                                                                   AS {0}_quantity_total_lower_bound,
+    CASE {0}_total_type WHEN 'UBIGINT' THEN false WHEN 'VARCHAR' THEN {0}_display.is_lower_bound
+    END                                                                   AS {0}_quantity_total_is_lower_bound"""
+_UNREADABLE_DISPLAY = """({0}_total_type = 'VARCHAR' AND NOT EXISTS (
+    SELECT 1 FROM norm_display d WHERE d.text = {0}_total_text AND d.readable))"""
+_NORMALISE_ROWS_SQL = f"""
+UPDATE norm_responses SET kind = 'python'
+WHERE kind = 'data' AND ({_UNREADABLE_DISPLAY.format("sales")} OR {_UNREADABLE_DISPLAY.format("order")});
+
+CREATE OR REPLACE TEMP VIEW norm_sales_rows AS
+SELECT item_id, spec_id, CAST(r.date AS DATE) AS date, CAST(r.sales_quantity AS BIGINT) AS sales_quantity,
+       CAST(r.order_quantity AS BIGINT) AS order_quantity, fetched_at
+FROM (SELECT item_id, spec_id, fetched_at, unnest(sales_trend) AS r FROM norm_responses WHERE kind = 'data');
+
+CREATE OR REPLACE TEMP VIEW norm_price_rows AS
+SELECT item_id, spec_id, CAST(r.date AS DATE) AS date, CAST(r.price_min AS DECIMAL(18, 4)) AS price_min,
+       CAST(r.price_max AS DECIMAL(18, 4)) AS price_max, fetched_at
+FROM (SELECT item_id, spec_id, fetched_at, unnest(price_trend) AS r FROM norm_responses WHERE kind = 'data');
+
+CREATE OR REPLACE TEMP TABLE norm_statistics AS
+WITH typed AS (
+    SELECT n.*, CAST(n.sales_30_text AS BIGINT) AS sales_30,
+           timezone('Asia/Shanghai', strptime(n.publish_time_text, '%Y-%m-%d %H:%M:%S')) AS publish_at,
+           coalesce(list_sum(list_transform(n.sales_trend, lambda r: coalesce(CAST(r.sales_quantity AS BIGINT), 0))), 0)
+               AS sales_sum
+    FROM norm_responses n WHERE n.kind IN ('data', 'no_data')
+)
+SELECT
+    n.item_id, n.spec_id,
+    n.kind = 'data'                                                           AS has_data,
+    n.publish_at                                                              AS publish_time,
+    n.sales_30                                                                AS sales_quantity_30days,
+    {_DISPLAY_COLUMNS.format("sales")},
+    {_DISPLAY_COLUMNS.format("order")},
+    len(n.sales_trend)                                                        AS sales_rows,
+    len(n.price_trend)                                                        AS price_rows,
+    0                                                                         AS duplicate_dates,
+    CASE WHEN n.kind = 'data' THEN n.sales_sum END                            AS sum30_observed,
+    CASE WHEN n.kind = 'data' THEN n.sales_sum = n.sales_30 END               AS sum30_ok,
+    n.response_id, n.fetched_at
+FROM typed n
+LEFT JOIN norm_display sales_display ON n.sales_total_type = 'VARCHAR' AND sales_display.text = n.sales_total_text
+LEFT JOIN norm_display order_display ON n.order_total_type = 'VARCHAR' AND order_display.text = n.order_total_text
+"""
+
+
+# The upsert, shared by both paths: a newer response wins per key. An UPDATE of the keys already stored, then a plain
+# INSERT of the others: in DuckDB this is faster than INSERT ... ON CONFLICT DO UPDATE, which probes the key index
+# row by row, whether the table is empty or every row conflicts.
+_UPSERT_KEYS = {
+    "item_statistics": ("item_id", "spec_id"),
+    "sales_trend_daily": ("item_id", "spec_id", "date"),
+    "price_trend_daily": ("item_id", "spec_id", "date"),
+}
+
+
+@contextmanager
+def _transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _upsert_responses(conn: duckdb.DuckDBPyConnection, statistics: str, sales: str, prices: str) -> None:
+    """Upsert parsed responses in one transaction, so readers see each response whole or not at all."""
+    with _transaction(conn):
+        _upsert(conn, "item_statistics", statistics)
+        _upsert(conn, "sales_trend_daily", sales)
+        _upsert(conn, "price_trend_daily", prices)
+
+
+def _upsert(conn: duckdb.DuckDBPyConnection, table: str, source: str) -> None:
+    """Upsert `source` (a relation with the table's columns; item_statistics: all but updated_at) into `table`."""
+    keys = _UPSERT_KEYS[table]
+    columns = [c for (c,) in conn.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() AND schema_name = ? "
+        "AND table_name = ? ORDER BY column_index", [SCHEMA, table]).fetchall()]
+    casts = {"publish_time": "CAST(s.publish_time AS TIMESTAMPTZ)", "updated_at": "now()",
+             "price_min": "CAST(s.price_min AS DECIMAL(18, 4))", "price_max": "CAST(s.price_max AS DECIMAL(18, 4))"}
+    values = {c: casts.get(c, f"s.{c}") for c in columns}
+    match = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+    sets = ", ".join(f"{c} = {values[c]}" for c in columns if c not in keys)
+    conn.execute(f"UPDATE {SCHEMA}.{table} t SET {sets} FROM {source} s WHERE {match} AND s.fetched_at >= t.fetched_at")
+    conn.execute(
+        f"INSERT INTO {SCHEMA}.{table} ({', '.join(columns)}) SELECT {', '.join(values.values())} FROM {source} s "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {SCHEMA}.{table} t WHERE {match})"
+    )
 
 
 def _items_frame(items: Iterable[WatchedItem]) -> pd.DataFrame:
@@ -309,6 +513,56 @@ class Warehouse:
         return calls, outcomes
 
     # ------------------------------------------------------------------ normalised tables
+    def load_stored_responses(
+        self, items: Sequence[WatchedItem] | None, read_display: DisplayReader
+    ) -> StoredLoad:
+        """Normalise the newest successful stored response of each item (every item when None) in SQL: parse the
+        body with DuckDB's JSON reader, check it, and upsert statistics and trends in one transaction.
+
+        This is the bulk path; pipeline.normalise_items is its only caller. It takes only bodies of the plain,
+        documented shape (see _NORMALISE_PARSE_SQL) and leaves every other one, untouched, to the Python parser
+        (parsing.parse_statistics), which either reads it or names what is wrong. For every body the SQL takes,
+        it writes exactly the rows the Python parser would (tests/test_normalise_sql.py compares both on a corpus
+        of plain and hostile bodies). Display totals ("1.5万+") are read by `read_display`, once per distinct text.
+        """
+        loaded = StoredLoad()
+        with self.connect() as conn:
+            scope = ""
+            if items is not None:
+                conn.register("norm_scope", _items_frame(items))
+                scope = "SEMI JOIN norm_scope USING (item_id, spec_id)"
+            conn.execute(_NORMALISE_PARSE_SQL.format(scope=scope, shape=_BODY_SHAPE, body_ok=_BODY_OK))
+            texts = conn.execute(
+                """SELECT sales_total_text FROM norm_responses WHERE sales_total_type = 'VARCHAR'
+                   UNION SELECT order_total_text FROM norm_responses WHERE order_total_type = 'VARCHAR'"""
+            ).fetchall()
+            readings = [(text, read_display(text)) for (text,) in texts]
+            conn.register(
+                "norm_display",
+                pd.DataFrame(
+                    {
+                        "text": pd.Series([t for t, _ in readings], dtype="object"),
+                        "readable": pd.array([r is not None for _, r in readings], dtype="boolean"),
+                        "lower_bound": pd.array([r[0] if r else None for _, r in readings], dtype="Int64"),
+                        "is_lower_bound": pd.array([r[1] if r else None for _, r in readings], dtype="boolean"),
+                    }
+                ),
+            )
+            for statement in _NORMALISE_ROWS_SQL.split(';\n\n'):
+                conn.execute(statement)
+            _upsert_responses(conn, "norm_statistics", "norm_sales_rows", "norm_price_rows")
+            for item_id, spec_id, kind in conn.execute(
+                "SELECT item_id, spec_id, kind FROM norm_responses WHERE kind <> 'data' ORDER BY ALL"
+            ).fetchall():
+                (loaded.no_data if kind == "no_data" else loaded.left_to_python).append(WatchedItem(item_id, spec_id))
+            loaded.items, loaded.sales_rows, loaded.price_rows = conn.execute(
+                """SELECT count(*), coalesce(sum(sales_rows), 0), coalesce(sum(price_rows), 0) FROM norm_statistics"""
+            ).fetchone()
+            if items is not None:
+                have = set(map(tuple, conn.execute("SELECT item_id, spec_id FROM norm_responses").fetchall()))
+                loaded.missing = [i for i in dict.fromkeys(items) if (i.item_id, i.spec_id) not in have]
+        return loaded
+
     def load_observations(self, observations: Sequence[Observation]) -> dict[str, int]:
         """Upsert statistics and daily trends of parsed responses in one transaction, so readers see each
         response either whole or not at all. Newer responses win per (item, spec, date)."""
@@ -319,61 +573,7 @@ class Warehouse:
             conn.register("staged_stats", stats)
             conn.register("staged_sales", sales)
             conn.register("staged_prices", prices)
-            conn.execute("BEGIN TRANSACTION")
-            try:
-                conn.execute(
-                    """
-                    INSERT INTO tmapi.item_statistics BY NAME
-                    SELECT * REPLACE (CAST(publish_time AS TIMESTAMPTZ) AS publish_time), now() AS updated_at
-                    FROM staged_stats
-                    ON CONFLICT (item_id, spec_id) DO UPDATE SET
-                        has_data = excluded.has_data,
-                        publish_time = excluded.publish_time,
-                        sales_quantity_30days = excluded.sales_quantity_30days,
-                        sales_quantity_total_raw = excluded.sales_quantity_total_raw,
-                        sales_quantity_total_lower_bound = excluded.sales_quantity_total_lower_bound,
-                        sales_quantity_total_is_lower_bound = excluded.sales_quantity_total_is_lower_bound,
-                        order_quantity_total_raw = excluded.order_quantity_total_raw,
-                        order_quantity_total_lower_bound = excluded.order_quantity_total_lower_bound,
-                        order_quantity_total_is_lower_bound = excluded.order_quantity_total_is_lower_bound,
-                        sales_rows = excluded.sales_rows,
-                        price_rows = excluded.price_rows,
-                        duplicate_dates = excluded.duplicate_dates,
-                        sum30_observed = excluded.sum30_observed,
-                        sum30_ok = excluded.sum30_ok,
-                        response_id = excluded.response_id,
-                        fetched_at = excluded.fetched_at,
-                        updated_at = excluded.updated_at
-                    WHERE excluded.fetched_at >= item_statistics.fetched_at
-                    """
-                )
-                conn.execute(
-                    """
-                    INSERT INTO tmapi.sales_trend_daily BY NAME SELECT * FROM staged_sales
-                    ON CONFLICT (item_id, spec_id, date) DO UPDATE SET
-                        sales_quantity = excluded.sales_quantity,
-                        order_quantity = excluded.order_quantity,
-                        fetched_at = excluded.fetched_at
-                    WHERE excluded.fetched_at >= sales_trend_daily.fetched_at
-                    """
-                )
-                conn.execute(
-                    """
-                    INSERT INTO tmapi.price_trend_daily BY NAME
-                    SELECT * REPLACE (CAST(price_min AS DECIMAL(18, 4)) AS price_min,
-                                      CAST(price_max AS DECIMAL(18, 4)) AS price_max)
-                    FROM staged_prices
-                    ON CONFLICT (item_id, spec_id, date) DO UPDATE SET
-                        price_min = excluded.price_min,
-                        price_max = excluded.price_max,
-                        fetched_at = excluded.fetched_at
-                    WHERE excluded.fetched_at >= price_trend_daily.fetched_at
-                    """
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            _upsert_responses(conn, "staged_stats", "staged_sales", "staged_prices")
         return {"items": len(stats), "sales_rows": len(sales), "price_rows": len(prices)}
 
     def refresh_kpis(self, items: Sequence[WatchedItem] | None = None) -> int:
@@ -388,13 +588,8 @@ class Warehouse:
                 )
             else:
                 conn.register("kpi_scope", _items_frame(items))
-            conn.execute("BEGIN TRANSACTION")
-            try:
+            with _transaction(conn):
                 count = self._refresh_kpis(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
         return count
 
     @staticmethod
