@@ -154,6 +154,18 @@ def test_contiguous_ranges_chunk_and_split():
     assert contiguous_ranges(keys, [], 4) == []
 
 
+def test_the_cli_splits_only_the_last_range_into_smaller_final_runs():
+    from tmapi_assets.defs.runner import tapered
+
+    keys = [str(1000 + i) for i in range(500)]
+    ranges = tapered(contiguous_ranges(keys, keys, 200), keys, min_items=10)
+    sizes = [keys.index(last) - keys.index(first) + 1 for first, last in ranges]
+    assert sizes == [200, 200, 60, 25, 15]  # the last 100: 60 + 25 + 15, every key once, in order
+    assert [k for first, last in ranges for k in keys[keys.index(first):keys.index(last) + 1]] == keys
+    assert tapered([("1000", "1019")], keys, min_items=16) == [("1000", "1019")]  # pieces too small: unchanged
+    assert tapered([], keys, min_items=16) == []
+
+
 def test_a_refresh_is_few_runs_of_many_items_under_one_concurrency_cap(project, sandbox_api, monkeypatch):
     more = [WatchedItem(1000000000000 + 13 * i) for i in range(25)]
     add_items(project / "watchlist.csv", more)

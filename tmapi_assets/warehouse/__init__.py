@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pandas as pd
 
 from tmapi_assets import config
 from tmapi_assets.errors import Outcome, WarehouseError, WarehouseLockedError
 from tmapi_assets.ids import WatchedItem
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from tmapi_assets.client import Attempt
     from tmapi_assets.parsing import ParsedStatistics
 
@@ -305,17 +306,18 @@ def _upsert(conn: duckdb.DuckDBPyConnection, table: str, source: str) -> None:
     )
 
 
-def _items_frame(items: Iterable[WatchedItem]) -> pd.DataFrame:
+def _scope_table(conn: duckdb.DuckDBPyConnection, name: str, items: Iterable[WatchedItem]) -> None:
+    """Temp table `name`(item_id, spec_id) holding `items` (no pandas: this runs before a refresh's first call)."""
     items = list(dict.fromkeys(items))
-    return pd.DataFrame(
-        {
-            "item_id": pd.array([i.item_id for i in items], dtype="int64"),
-            "spec_id": pd.array([i.spec_id for i in items], dtype="str"),
-        }
+    conn.execute(
+        f"CREATE OR REPLACE TEMP TABLE {name} AS "
+        "SELECT unnest(CAST($ids AS BIGINT[])) AS item_id, unnest(CAST($specs AS VARCHAR[])) AS spec_id",
+        {"ids": [i.item_id for i in items], "specs": [i.spec_id for i in items]},
     )
 
 
 def _int_array(values: list[int | None]) -> pd.arrays.IntegerArray:
+    import pandas as pd  # lazily: not needed before a refresh's first API call
     return pd.array(values, dtype="Int64")
 
 
@@ -394,6 +396,7 @@ class Warehouse:
         """Append HTTP attempts verbatim to tmapi.raw_responses, in one transaction. Returns rows offered.
 
         response_ids (from the spool) make this idempotent: a row already stored is not stored twice."""
+        import pandas as pd  # lazily: not needed before a refresh's first API call
         if not attempts:
             return 0
         ids = list(response_ids) if response_ids is not None else [str(uuid.uuid4()) for _ in attempts]
@@ -445,7 +448,7 @@ class Warehouse:
         """
         with self.connect() as conn:
             if items is not None:
-                conn.register("scope", _items_frame(items))
+                _scope_table(conn, "scope", items)
             rows = conn.execute(query).fetchall()
         return [
             StoredResponse(WatchedItem(item_id, spec_id), response_id, fetched_at, body)
@@ -460,7 +463,7 @@ class Warehouse:
         if not items or (since is None and run_id is None):
             return set()
         with self.connect() as conn:
-            conn.register("scope", _items_frame(items))
+            _scope_table(conn, "scope", items)
             rows = conn.execute(
                 f"""SELECT DISTINCT item_id, spec_id FROM tmapi.raw_responses
                     SEMI JOIN scope USING (item_id, spec_id)
@@ -475,7 +478,7 @@ class Warehouse:
         if not items or not self.path.exists():
             return set()
         with self.connect() as conn:
-            conn.register("scope", _items_frame(items))
+            _scope_table(conn, "scope", items)
             rows = conn.execute(
                 f"""WITH latest AS (
                         SELECT item_id, spec_id, response_id, fetched_at FROM tmapi.raw_responses
@@ -529,7 +532,7 @@ class Warehouse:
         with self.connect() as conn:
             scope = ""
             if items is not None:
-                conn.register("norm_scope", _items_frame(items))
+                _scope_table(conn, "norm_scope", items)
                 scope = "SEMI JOIN norm_scope USING (item_id, spec_id)"
             conn.execute(_NORMALISE_PARSE_SQL.format(scope=scope, shape=_BODY_SHAPE, body_ok=_BODY_OK))
             texts = conn.execute(
@@ -537,16 +540,14 @@ class Warehouse:
                    UNION SELECT order_total_text FROM norm_responses WHERE order_total_type = 'VARCHAR'"""
             ).fetchall()
             readings = [(text, read_display(text)) for (text,) in texts]
-            conn.register(
-                "norm_display",
-                pd.DataFrame(
-                    {
-                        "text": pd.Series([t for t, _ in readings], dtype="object"),
-                        "readable": pd.array([r is not None for _, r in readings], dtype="boolean"),
-                        "lower_bound": pd.array([r[0] if r else None for _, r in readings], dtype="Int64"),
-                        "is_lower_bound": pd.array([r[1] if r else None for _, r in readings], dtype="boolean"),
-                    }
-                ),
+            conn.execute(
+                """CREATE OR REPLACE TEMP TABLE norm_display AS
+                   SELECT unnest(CAST($text AS VARCHAR[])) AS text, unnest(CAST($readable AS BOOLEAN[])) AS readable,
+                          unnest(CAST($lower AS BIGINT[])) AS lower_bound,
+                          unnest(CAST($approximate AS BOOLEAN[])) AS is_lower_bound""",
+                {"text": [t for t, _ in readings], "readable": [r is not None for _, r in readings],
+                 "lower": [r[0] if r else None for _, r in readings],
+                 "approximate": [r[1] if r else None for _, r in readings]},
             )
             for statement in _NORMALISE_ROWS_SQL.split(';\n\n'):
                 conn.execute(statement)
@@ -587,7 +588,7 @@ class Warehouse:
                        UNION SELECT DISTINCT item_id, spec_id FROM tmapi.price_trend_daily"""
                 )
             else:
-                conn.register("kpi_scope", _items_frame(items))
+                _scope_table(conn, "kpi_scope", items)
             with _transaction(conn):
                 count = self._refresh_kpis(conn)
         return count
@@ -652,7 +653,7 @@ class Warehouse:
         with self.connect() as conn:
             where = ""
             if items is not None:
-                conn.register("scope", _items_frame(items))
+                _scope_table(conn, "scope", items)
                 where = "SEMI JOIN scope USING (item_id, spec_id)"
             return conn.execute(
                 f"""SELECT k.*, s.sales_quantity_total_raw, s.sales_quantity_30days, s.sum30_ok
@@ -680,7 +681,7 @@ class Warehouse:
         with self.connect() as conn:
             scope = ""
             if items is not None:
-                conn.register("scope", _items_frame(items))
+                _scope_table(conn, "scope", items)
                 scope = "SEMI JOIN scope USING (item_id, spec_id)"
             return conn.execute(template.format(scope=scope)).df()
 
@@ -747,6 +748,7 @@ _BOOL_COLUMNS = {"has_data", "sum30_ok", "sales_quantity_total_is_lower_bound", 
 
 def _frame(columns: dict[str, list[Any]]) -> pd.DataFrame:
     """Typed DataFrame: nullable ints/bools stay nullable; timestamps are UTC; strings stay strings."""
+    import pandas as pd  # lazily: not needed before a refresh's first API call
     data: dict[str, Any] = {}
     for name, values in columns.items():
         if name in _INT_COLUMNS:
