@@ -203,3 +203,36 @@ def test_the_cli_overlaps_its_runs_and_still_prints_its_summary(project, sandbox
     assert len(records) == 5 and all(r.dagster_run.is_success for r in records)
     overlaps = sum(later.start_time < earlier.end_time for earlier, later in zip(records, records[1:]))
     assert overlaps >= 1  # the next run started before the previous one ended
+
+
+def test_a_ui_run_publishes_the_read_copy_and_a_cli_run_leaves_it_to_the_refresh(project, sandbox_api):
+    from tmapi_assets.defs import build_definitions
+    from tmapi_assets.defs.assets import PUBLISH_TAG
+
+    instance = DagsterInstance.get()
+    instance.add_dynamic_partitions(watched_items.name, [i.partition_key for i in ITEMS])
+    job = build_definitions().resolve_job_def(automation.refresh_job.name)
+    copy = project / "tmapi_read.duckdb"
+    tags = {RANGE_START_TAG: ITEMS[0].partition_key, RANGE_END_TAG: ITEMS[1].partition_key}
+    assert job.execute_in_process(instance=instance, tags={**tags, PUBLISH_TAG: "false"}).success
+    assert not copy.exists()
+    assert job.execute_in_process(instance=instance, tags=tags).success  # as launched from the UI or the daemon
+    assert Warehouse(copy).table_counts()["item_kpis"] == 2
+
+
+def test_the_cli_instance_reads_dynamic_partitions_once_and_sees_its_own_changes(project):
+    from tmapi_assets.defs.runner import cli_instance
+
+    instance = cli_instance()
+    storage = instance._event_storage  # noqa: SLF001 - counting what reaches sqlite
+    reads = []
+    original = storage.get_dynamic_partitions
+    storage.get_dynamic_partitions = lambda name: reads.append(name) or original(name)
+    instance.add_dynamic_partitions(watched_items.name, ["1", "2"])
+    for _ in range(5):
+        assert instance.get_dynamic_partitions(watched_items.name) == ["1", "2"]
+        assert instance.has_dynamic_partition(watched_items.name, "2")
+    assert len(reads) == 1
+    instance.delete_dynamic_partition(watched_items.name, "1")
+    assert instance.get_dynamic_partitions(watched_items.name) == ["2"]
+    assert not instance.has_dynamic_partition(watched_items.name, "1") and len(reads) == 2

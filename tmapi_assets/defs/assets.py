@@ -32,6 +32,8 @@ from tmapi_assets.errors import TmapiError, WarehouseLockedError
 KEY_PREFIX = "tmapi"
 API_POOL = "tmapi_api"
 FORCE_TAG = "tmapi/force"  # set to "true" on a run (UI launchpad or `refresh --force`) to skip the freshness check
+# "false" on a run: its KPI step leaves the read copy alone (`tmapi-assets refresh` publishes once, after its runs)
+PUBLISH_TAG = "tmapi/publish_read_copy"
 PARTITIONS_PER_RUN = int(os.environ.get("TMAPI_PARTITIONS_PER_RUN", "200"))
 
 backfill_policy = BackfillPolicy.multi_run(max_partitions_per_run=PARTITIONS_PER_RUN)
@@ -164,7 +166,12 @@ def item_kpis(context: AssetExecutionContext, warehouse: WarehouseResource) -> M
     with retry_only_transient():
         count = warehouse.warehouse().refresh_kpis(items_of(context.partition_keys))
         read_copy = config.read_copy_path()
-        if read_copy is not None:  # readers use the copy, so they never hold the live file's lock
+        if context.run.tags.get(PUBLISH_TAG, "").lower() == "false":
+            read_copy_state = "published by the CLI refresh after its last run"
+        elif read_copy is not None:  # readers use the copy, so they never hold the live file's lock
             warehouse.warehouse().publish_read_copy(read_copy)
-    return MaterializeResult(metadata={"items": count, "read_copy": str(read_copy or "disabled")})
+            read_copy_state = str(read_copy)
+        else:
+            read_copy_state = "disabled"
+    return MaterializeResult(metadata={"items": count, "read_copy": read_copy_state})
 
