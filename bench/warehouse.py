@@ -22,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
@@ -191,9 +191,79 @@ def bench_kpis(tmp: Path, items: int, days: int, repeats: int = 3) -> dict:
             "refresh_kpis_all": kpi_times, "scan_all": scan_times, "connect_s": t_connect}
 
 
-def report(load: dict | None, kpis: dict | None) -> tuple[str, str]:
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _peak_rss_during(fn) -> tuple[float, float, object]:
+    """(seconds, peak RSS increase in MB sampled every 5 ms while fn runs, fn's result)."""
+    import threading
+
+    start, peak, done = _rss_mb(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb() - start)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        seconds, out = _timed(fn)
+    finally:
+        done.set()
+        sampler.join()
+    return seconds, peak[0], out
+
+
+def bench_history(tmp: Path, items: int, answers: int) -> dict:
+    """normalise_items for `items` items whose raw_responses hold `answers` successful answers each (a long-kept
+    ledger: one answer per daily refresh), against the same items with one stored answer each."""
+    keys = [WatchedItem(int(k)) for k in item_keys(items)]
+    start = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    log(f"history: storing {items} items x {answers} answers")
+    long_kept, fresh = Warehouse(tmp / "history.duckdb"), Warehouse(tmp / "history-1.duckdb")
+    for day in range(answers):
+        end = date(2025, 1, 1) + timedelta(days=day)
+        batch = [Attempt(item=k, attempt=1, fetched_at=start + timedelta(days=day), elapsed_ms=200.0,
+                         http_status=200, api_code=200, outcome=Outcome.SUCCESS,
+                         body=success_body(str(k.item_id), "", end), request_url="http://127.0.0.1/", message="success")
+                 for k in keys]
+        long_kept.record_attempts(batch, f"bench-day-{day}")
+        if day == answers - 1:
+            fresh.record_attempts(batch, f"bench-day-{day}")
+    results = {}
+    for name, warehouse in (("one", fresh), ("many", long_kept)):
+        warehouse.ensure_schema()
+        seconds, rss, summary = _peak_rss_during(lambda: pipeline.normalise_items(warehouse, keys))
+        results[name] = (seconds, rss, summary.items)
+        log(f"history: {name}: normalise_items {seconds:.2f} s, peak RSS +{rss:.0f} MB ({summary.items} items)")
+    return {"items": items, "answers": answers, **results}
+
+
+def report(load: dict | None, kpis: dict | None, history: dict | None = None) -> tuple[str, str]:
     """(text, markdown)"""
     lines, md = [], []
+    if history:
+        (t1, r1, _), (tn, rn, _) = history["one"], history["many"]
+        lines += [
+            f"normalise_items of {history['items']} items, newest answer of each (not a target; does it grow with "
+            "the ledger's history?):",
+            f"  1 stored answer per item                 {t1:8.2f} s, peak RSS +{r1:.0f} MB",
+            f"  {history['answers']:<3} stored answers per item               {tn:8.2f} s, peak RSS +{rn:.0f} MB   ratio {tn / t1:.1f}x",
+        ]
+        md += [
+            f"History: `normalise_items` of {history['items']} items (the newest answer of each) when raw_responses "
+            f"holds 1 vs {history['answers']} answers per item (not a target: the cost must not grow with the kept "
+            "ledger).", "",
+            "| stored answers per item | s | peak RSS increase MB |", "|---|---|---|",
+            f"| 1 | {t1:.2f} | {r1:.0f} |",
+            f"| {history['answers']} | {tn:.2f} | {rn:.0f} |", "",
+        ]
     if load:
         ratio = load["normalise_s"] / load["plain_insert_s"]
         ratio2 = load["renormalise_s"] / load["plain_upsert_s"]
@@ -256,8 +326,9 @@ def report(load: dict | None, kpis: dict | None) -> tuple[str, str]:
     if kpis:
         r = kpis["refresh_kpis_s"] / kpis["scan_s"]
         targets.append(f"{'PASS' if r <= 2 else 'FAIL'}  KPI recompute <= 2x the plain scan: {r:.1f}x")
-    lines += ["Targets (issue 3):"] + [f"  {t}" for t in targets]
-    md += ["Targets:", ""] + [f"- `{t}`" for t in targets] + [""]
+    if targets:
+        lines += ["Targets (issue 3):"] + [f"  {t}" for t in targets]
+        md += ["Targets:", ""] + [f"- `{t}`" for t in targets] + [""]
     return "\n".join(lines), "\n".join(md)
 
 
@@ -267,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--responses", type=int, default=10_000, help="stored responses = KPI items (default 10000)")
     p.add_argument("--days", type=int, default=365, help="days of history per item for the KPI bench (365)")
     p.add_argument("--quick", action="store_true", help="1000 responses, 90 days")
-    p.add_argument("--only", choices=["load", "kpis"], default=None)
+    p.add_argument("--only", choices=["load", "kpis", "history"], default=None)
+    p.add_argument("--history-answers", type=int, default=100,
+                   help="stored answers per item for the history part (default 100, 200 items)")
     p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
     p.add_argument("--markdown-out", default=None, help="also write the markdown results to this file")
     p.add_argument("--keep", action="store_true", help="keep the temp DuckDB files")
@@ -279,10 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load = bench_load(tmp, args.responses) if args.only in (None, "load") else None
         kpis = bench_kpis(tmp, args.responses, args.days) if args.only in (None, "kpis") else None
+        history = bench_history(tmp, 200, args.history_answers) if args.only in (None, "history") else None
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    text, md = report(load, kpis)
+    text, md = report(load, kpis, history)
     print("\n" + "=" * 100 + "\nwarehouse benchmark\n" + text, flush=True)
     md_section = f"### Warehouse (`bench.warehouse`)\n\n{md}"
     if args.markdown_out:

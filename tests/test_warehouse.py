@@ -143,6 +143,20 @@ def test_an_older_response_loaded_late_does_not_overwrite_newer_values(warehouse
     assert warehouse.query("SELECT sum(sales_quantity) s FROM tmapi.sales_trend_daily").s[0] == 3 * 3985
 
 
+@pytest.mark.parametrize("in_sql", [True, False])
+def test_the_newest_successful_answer_counts_whatever_order_they_were_stored_in(warehouse, in_sql):
+    t0 = datetime(2025, 7, 24, 1, tzinfo=timezone.utc)
+    newest, older = shifted(doc_body(), 0, sales_factor=5), shifted(doc_body(), 0, sales_factor=2)
+    warehouse.record_attempts([attempt(DOC_ITEM, newest, at=t0 + timedelta(days=2))], run_id="stored-first")
+    warehouse.record_attempts([attempt(DOC_ITEM, older, at=t0 + timedelta(days=1)),
+                               attempt(DOC_ITEM, doc_body(), at=t0),
+                               attempt(DOC_ITEM, {"code": 503, "msg": "busy"}, outcome=Outcome.TRANSIENT, status=503,
+                                       at=t0 + timedelta(days=3))], run_id="stored-later")
+    pipeline.normalise_items(warehouse, [DOC_ITEM], in_sql=in_sql)
+    assert warehouse.query("SELECT sum(sales_quantity) s FROM tmapi.sales_trend_daily").s[0] == 5 * 3985
+    assert warehouse.records("SELECT fetched_at FROM tmapi.item_statistics")[0]["fetched_at"] == t0 + timedelta(days=2)
+
+
 def test_no_data_response_is_an_empty_observation_not_a_crash(warehouse):
     item = WatchedItem(624282357434)
     warehouse.record_attempts([attempt(item, {"code": 200, "msg": "success", "data": None}, outcome=Outcome.NO_DATA)],
