@@ -29,7 +29,8 @@ HOSTILE_VALUES = [
     "11.12345", "0011.0", "1234567890123.5", "1e3", "١٢", "１２", "2025-06-24", "2025-6-24", "2025-02-30",
     "0000-01-01", "2025-06-24 ", "2025-06-24T00:00:00", "2024-06-27 09:22:26", "2024-06-27T09:22:26",
     "2024-06-27 09:22:26+00:00", "1900-01-01 00:00:00", "1985-06-01 12:00:00", "1988-06-01 12:00:00", "2024-06-27 24:00:00",
-    "2024-06-27 09:22:60", "0000-00-00 00:00:00", "x" * 300,
+    "2024-06-27 09:22:60", "0000-00-00 00:00:00", "x" * 300, "infinity", "-infinity", "10000-01-01",
+    "2025-06-24 (BC)", "0001-01-01 (BC)", "0001-01-01", "9999-12-31", "2024-02-29", "2025-02-29",
 ]
 FIELDS = [
     ("publish_time",), ("sales_quantity_30days",), ("sales_quantity_total",), ("order_quantity_total",),
@@ -184,3 +185,34 @@ def test_a_known_body_lands_with_its_known_values(both):
     assert stats["order_quantity_total_lower_bound"] == 3500
     assert (stats["sales_rows"], stats["price_rows"], stats["sum30_observed"]) == (30, 29, 3985)
     assert stats["publish_time"] == datetime(2024, 6, 27, 1, 22, 26, tzinfo=timezone.utc)  # 09:22:26 China time
+
+
+# The SQL path trusts one thing it does not check: that a body stored as a success is strict JSON. DuckDB's reader
+# also takes trailing commas, nan/inf and integers of any length; the client only stores a body as a success after
+# json.loads has read it, so such bodies are stored as malformed and never reach either parser.
+@pytest.mark.parametrize("lenient", [b'{"code": 200, "data": {"sales_trend": [],}}', b'{"code": 200, "x": nan}',
+                                     b'{"code": 200, "x": inf}', b'{"code": 200, "x": ' + b"1" * 5000 + b"}",
+                                     b'{"code": 200, "x": ' + b"[" * 3000 + b"]" * 3000 + b"}"])
+def test_bodies_only_duckdb_would_read_are_never_stored_as_successes(lenient):
+    from tmapi_assets.client import _Core
+
+    parsed, problem = _Core._parse(lenient, False)
+    assert parsed is None and "not JSON" in problem
+
+
+def test_a_body_nested_too_deeply_is_a_parse_error_and_the_others_still_load(tmp_path):
+    deep = b'{"data": {"sales_trend": ' + b"[" * 3000 + b"]" * 3000 + b"}}"
+    lenient_quantity = json.dumps(mutated(doc_body(), ("sales_trend", 0, "sales_quantity"), "12")).encode()
+    warehouse, items = store(tmp_path / "w.duckdb", [json.dumps(doc_body()).encode(), deep, lenient_quantity])
+    summary = pipeline.normalise_items(warehouse, items)
+    assert list(summary.parse_errors) == [items[1]] and "nested too deeply" in summary.parse_errors[items[1]]
+    assert summary.items == 2 and warehouse.table_counts()["item_statistics"] == 2
+
+
+def test_a_stored_body_that_was_not_utf8_is_refused_not_read_from_its_replacement_characters(tmp_path):
+    body = json.dumps(doc_body(), ensure_ascii=False).encode().replace("1.5万+".encode(), b"\xff3500+")
+    warehouse, items = store(tmp_path / "w.duckdb", [body])
+    for in_sql in (True, False):
+        summary = pipeline.normalise_items(warehouse, items, in_sql=in_sql)
+        assert "not valid UTF-8" in summary.parse_errors[items[0]]
+    assert warehouse.table_counts()["item_statistics"] == 0

@@ -390,12 +390,30 @@ def test_cli_commands_say_what_is_wrong_instead_of_a_traceback(project, sandbox_
         holder.wait()
     for name, value, expected in (("TMAPI_CONCURRENCY", "abc", "TMAPI_CONCURRENCY='abc' is not a whole number"),
                                   ("TMAPI_DUCKDB_LOCK_TIMEOUT_S", "soon", "is not a number"),
-                                  ("TMAPI_AUTH_MODE", "bogus", "use 'query' (?apiToken=...) or 'header'")):
+                                  ("TMAPI_AUTH_MODE", "bogus", "use 'query' (?apiToken=...) or 'header'"),
+                                  ("TMAPI_CONCURRENCY", "0", "TMAPI_CONCURRENCY='0' must be a whole number >= 1"),
+                                  ("TMAPI_MAX_ATTEMPTS", "-1", "must be a whole number >= 1"),
+                                  ("TMAPI_FRESH_WITHIN_HOURS", "nan", "must be a number >= 0"),
+                                  ("TMAPI_DUCKDB_LOCK_TIMEOUT_S", "inf", "must be a number >= 0")):
         monkeypatch.setenv(name, value)
         result = CliRunner().invoke(cli, ["refresh", "--force", "--quiet"])
         monkeypatch.delenv(name)
         assert result.exit_code == 2 and expected in result.output, (name, result.output)
     assert sandbox_api.stats()["requests_total"] == 2  # none of the refused refreshes called the API
+
+
+def test_settings_read_at_import_and_a_closed_stdout_still_end_cleanly(project, sandbox_api):
+    """Settings read when Dagster's definitions load get the same one-line error; a shell that closed stdout
+    (`>&-`) does not turn a finished command into a failure."""
+    for name, value in (("TMAPI_PARTITIONS_PER_RUN", "abc"), ("TMAPI_STEP_RETRY_DELAY_S", "-5")):
+        proc = subprocess.run([sys.executable, "-m", "tmapi_assets.cli", "refresh", "--quiet"], capture_output=True,
+                              text=True, timeout=120, env=env_for(project, sandbox_api, **{name: value}))
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {name}="), (name, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    for closed in (">&-", "2>&-"):
+        proc = subprocess.run(f'"{sys.executable}" -m tmapi_assets.cli status {closed}', shell=True,
+                              capture_output=closed == "2>&-", timeout=60, env=env_for(project, sandbox_api))
+        assert proc.returncode == 0, closed
 
 
 def test_a_refresh_blocked_by_a_lock_says_so_in_a_few_lines(project, sandbox_api):

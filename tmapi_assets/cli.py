@@ -377,12 +377,17 @@ def console_main() -> None:
     except SystemExit as exc:  # how click ends every command (standalone mode)
         code = exc.code
     if code is not None and not isinstance(code, int):
-        print(code, file=sys.stderr)  # sys.exit("message") semantics
+        if sys.stderr is not None:
+            print(code, file=sys.stderr)  # sys.exit("message") semantics
         code = 1
     atexit._run_exitfuncs()
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # None when the shell closed it (`>&-`)
+                stream.flush()
+        except (OSError, ValueError):  # a closed pipe or file: what was written is all there is
+            pass
     os._exit(code or 0)
 
 

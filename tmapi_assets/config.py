@@ -5,6 +5,7 @@ Every setting has a default that runs the project against the local sandbox, so 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -81,19 +82,22 @@ def auth_mode() -> str:
     return value
 
 
-def env_float(name: str, default: float) -> float:
-    return _env_number(name, default, float, "a number")
+def env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    return _env_number(name, default, float, "a number", minimum)
 
 
-def env_int(name: str, default: int) -> int:
-    return _env_number(name, default, int, "a whole number")
+def env_int(name: str, default: int, minimum: int = 1) -> int:
+    return _env_number(name, default, int, "a whole number", minimum)
 
 
-def _env_number(name: str, default, kind, what: str):
+def _env_number(name: str, default, kind, what: str, minimum):
     value = os.environ.get(name)
     if value in (None, ""):
         return default
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
         raise InvalidInputError(f"{name}={value!r} is not {what}; unset it to use the default {default}") from None
+    if not math.isfinite(number) or number < minimum:  # "inf", "nan", 0 calls in flight, ...
+        raise InvalidInputError(f"{name}={value!r} must be {what} >= {minimum}; unset it to use the default {default}")
+    return number

@@ -20,7 +20,7 @@ from tmapi_assets.client import AsyncTmapiClient, Attempt, ClientSettings, Fetch
 from tmapi_assets.errors import OUTCOME_ACTION, Action, ApiError
 from tmapi_assets.ids import WatchedItem
 from tmapi_assets.halt import PersistentHalt
-from tmapi_assets.parsing import MalformedDataError, parse_display_count, parse_statistics
+from tmapi_assets.parsing import MalformedDataError, decode_body, parse_display_count, parse_statistics
 from tmapi_assets.spool import Spool, orphans
 from tmapi_assets.warehouse import Observation, Warehouse
 
@@ -274,7 +274,9 @@ def normalise_items(
         observations: list[Observation] = []
         for response in stored[start : start + chunk_size]:
             try:
-                payload = _json_object(response.body)
+                # A body that was not valid UTF-8 is stored as text with U+FFFD and its exact bytes: refused here.
+                text = response.body if response.exact_bytes is None else decode_body(response.exact_bytes)
+                payload = _json_object(text)
                 parsed = parse_statistics(payload.get("data"))
             except (MalformedDataError, ValueError) as exc:
                 summary.parse_errors[response.item] = (
@@ -311,7 +313,10 @@ def _first_key_wins(pairs: list[tuple[str, object]]) -> dict:
 def _json_object(body: str) -> dict:
     # Stored bodies are text; a BOM may have come with them. A key repeated in one object: the first counts, as in
     # DuckDB's JSON reader (the SQL path), so both paths read the same body the same way.
-    payload = json.loads(body.lstrip("\ufeff"), object_pairs_hook=_first_key_wins)
+    try:
+        payload = json.loads(body.lstrip("\ufeff"), object_pairs_hook=_first_key_wins)
+    except RecursionError:
+        raise MalformedDataError("response body is nested too deeply to be a sales statistics answer") from None
     if not isinstance(payload, dict):
         raise MalformedDataError("response body is not a JSON object")
     return payload

@@ -5,7 +5,6 @@ Each asset is a thin call into tmapi_assets.pipeline / warehouse. A run covers m
 """
 
 
-import os
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -34,13 +33,13 @@ API_POOL = "tmapi_api"
 FORCE_TAG = "tmapi/force"  # set to "true" on a run (UI launchpad or `refresh --force`) to skip the freshness check
 # "false" on a run: its KPI step leaves the read copy alone (`tmapi-assets refresh` publishes once, after its runs)
 PUBLISH_TAG = "tmapi/publish_read_copy"
-PARTITIONS_PER_RUN = int(os.environ.get("TMAPI_PARTITIONS_PER_RUN", "200"))
+PARTITIONS_PER_RUN = config.env_int("TMAPI_PARTITIONS_PER_RUN", 200)
 
 backfill_policy = BackfillPolicy.multi_run(max_partitions_per_run=PARTITIONS_PER_RUN)
 # Whole-step retries (single API calls are retried inside the client): waits of ~d, 3d, 7d seconds with jitter.
 step_retry_policy = RetryPolicy(
     max_retries=3,
-    delay=float(os.environ.get("TMAPI_STEP_RETRY_DELAY_S", "10")),
+    delay=config.env_float("TMAPI_STEP_RETRY_DELAY_S", 10.0),
     backoff=Backoff.EXPONENTIAL,
     jitter=Jitter.PLUS_MINUS,
 )

@@ -63,7 +63,7 @@ def default_resources() -> dict[str, object]:
             auth_mode=config.auth_mode(),  # type: ignore[arg-type]
             concurrency=config.api_concurrency(),
             max_attempts=config.env_int("TMAPI_MAX_ATTEMPTS", 4),
-            timeout_s=config.env_float("TMAPI_TIMEOUT_S", 60.0),
+            timeout_s=config.env_float("TMAPI_TIMEOUT_S", 60.0, minimum=0.1),
             fresh_within_hours=config.fresh_within_hours(),
         ),
         "warehouse": WarehouseResource(

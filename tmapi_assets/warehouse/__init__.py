@@ -90,6 +90,7 @@ class StoredResponse:
     response_id: str
     fetched_at: datetime
     body: str
+    exact_bytes: bytes | None = None  # set when the body was not valid UTF-8 (then `body` has U+FFFD in places)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ _BODY_SHAPE = (
 # regular expressions where possible: these run on every value.
 _QUANTITY_OK = "({0} IS NULL OR (TRY_CAST({0} AS BIGINT) >= 0 AND CAST(TRY_CAST({0} AS BIGINT) AS VARCHAR) = {0}))"
 _PRICE_OK = r"({0} IS NULL OR regexp_full_match({0}, '0*[0-9]{{1,12}}(\.[0-9]{{1,4}})?'))"
-_DATE_OK = "CAST(TRY_CAST({0} AS DATE) AS VARCHAR) = {0}"  # also refuses year 0000 (DuckDB: "0001-01-01 (BC)")
+# (length 10: DuckDB also writes back "infinity", "10000-01-01" and "0001-01-01 (BC)" unchanged)
+_DATE_OK = "(length({0}) = 10 AND CAST(TRY_CAST({0} AS DATE) AS VARCHAR) = {0})"
 # Publish times before 1992 go to Python (the reference): China had summer time 1986-91 and local mean time before
 # 1901, where two tz databases could disagree.
 _PUBLISH_OK = r"""(publish_time_text IS NULL
@@ -444,7 +446,7 @@ class Warehouse:
         """The newest successful response per (item, spec): of the given items, or of every item when None."""
         scope = "SEMI JOIN scope USING (item_id, spec_id)" if items is not None else ""
         query = f"""
-            SELECT r.item_id, r.spec_id, r.response_id, r.fetched_at, r.body
+            SELECT r.item_id, r.spec_id, r.response_id, r.fetched_at, r.body, r.body_bytes
             FROM tmapi.raw_responses r
             WHERE r.rowid IN ({_NEWEST_SUCCESS_ROWS.format(scope=scope)})
             ORDER BY r.item_id, r.spec_id
@@ -454,8 +456,8 @@ class Warehouse:
                 _scope_table(conn, "scope", items)
             rows = conn.execute(query).fetchall()
         return [
-            StoredResponse(WatchedItem(item_id, spec_id), response_id, fetched_at, body)
-            for item_id, spec_id, response_id, fetched_at, body in rows
+            StoredResponse(WatchedItem(item_id, spec_id), response_id, fetched_at, body, exact)
+            for item_id, spec_id, response_id, fetched_at, body, exact in rows
         ]
 
     def fetched_since(
