@@ -173,11 +173,14 @@ _NEWEST_SUCCESS_ROWS = f"""
 # NULL (data or a trend absent, null, or of the wrong type).
 _NORMALISE_PARSE_SQL = """
 CREATE OR REPLACE TEMP TABLE norm_responses AS
-WITH newest AS (
-    SELECT r.response_id, r.item_id, r.spec_id, r.fetched_at, r.body,
-           CASE WHEN r.body_bytes IS NULL THEN TRY(from_json(r.body, '{shape}')) END AS doc
-    FROM tmapi.raw_responses r
-    WHERE r.rowid IN ({newest_rows})
+WITH picked AS MATERIALIZED (  -- (materialized: parsing in the same pipeline as the row-id filter was 1.7x slower)
+    SELECT r.response_id, r.item_id, r.spec_id, r.fetched_at, r.body, r.body_bytes
+    FROM tmapi.raw_responses r WHERE r.rowid IN ({newest_rows})
+),
+newest AS (
+    SELECT response_id, item_id, spec_id, fetched_at, body,
+           CASE WHEN body_bytes IS NULL THEN TRY(from_json(body, '{shape}')) END AS doc
+    FROM picked
 ),
 typed AS (
     SELECT *,
