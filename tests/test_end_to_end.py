@@ -236,3 +236,24 @@ def test_the_cli_instance_reads_dynamic_partitions_once_and_sees_its_own_changes
     instance.delete_dynamic_partition(watched_items.name, "1")
     assert instance.get_dynamic_partitions(watched_items.name) == ["2"]
     assert not instance.has_dynamic_partition(watched_items.name, "1") and len(reads) == 2
+
+
+def test_two_refreshes_adding_the_same_new_keys_at_once_both_go_on(project):
+    """Two refreshes started together both add the watchlist's new keys: the slower one's insert hits sqlite's
+    UNIQUE constraint. It reads the keys again and adds only what is still missing, instead of failing."""
+    from tmapi_assets.defs.runner import cli_instance, sync_partitions
+
+    instance = cli_instance()
+    storage = instance._event_storage  # noqa: SLF001 - the race happens below the instance
+    original, calls = storage.add_dynamic_partitions, []
+
+    def racing_add(name, keys):
+        calls.append(list(keys))
+        if len(calls) == 1:  # the other refresh got there first with two of the keys
+            original(name, list(keys)[:2])
+            raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: dynamic_partitions")
+        return original(name, keys)
+
+    storage.add_dynamic_partitions = racing_add
+    assert sync_partitions(instance, ["1", "2", "3"]) == ["1", "2", "3"]
+    assert calls == [["1", "2", "3"], ["3"]]

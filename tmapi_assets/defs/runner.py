@@ -158,7 +158,16 @@ def cli_instance() -> DagsterInstance:
         overrides={"compute_logs": {"module": "dagster._core.storage.noop_compute_log_manager",
                                     "class": "NoOpComputeLogManager"}},
     )
-    instance = DagsterInstance.from_ref(ref)
+    for attempt in range(5):
+        try:
+            instance = DagsterInstance.from_ref(ref)
+            break
+        except Exception as exc:  # noqa: BLE001
+            # Two commands started together on a new DAGSTER_HOME both create Dagster's sqlite tables; the slower
+            # one's CREATE TABLE fails ("table ... already exists"). The tables are there now: open it again.
+            if "already exists" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
     # Each run's start calls logging.config.dictConfig for the python_logs handlers of dagster.yaml (this project
     # has none). dictConfig takes every handler's lock while holding logging's module lock: with runs in threads it
     # deadlocked against another run's thread that was inside a handler (storing an event) and asked for the module
@@ -236,8 +245,18 @@ def sync_partitions(instance: DagsterInstance, wanted: list[str]) -> list[str]:
     if removed:
         for key in removed:
             instance.delete_dynamic_partition(watched_items.name, key)
-    if new:
-        instance.add_dynamic_partitions(watched_items.name, new)
+    for attempt in range(5):
+        if not new:
+            break
+        try:
+            instance.add_dynamic_partitions(watched_items.name, new)
+            break
+        except Exception:  # noqa: BLE001 - two refreshes started together added the same keys (sqlite UNIQUE)
+            if attempt == 4:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+            existing = set(instance.get_dynamic_partitions(watched_items.name))  # read again, not from the cache
+            new = [k for k in new if k not in existing]
     return instance.get_dynamic_partitions(watched_items.name)
 
 

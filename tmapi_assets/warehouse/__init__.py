@@ -152,7 +152,8 @@ _BODY_OK = " AND ".join([
     _DISPLAY_TYPE_OK.format("sales"),
     _DISPLAY_TYPE_OK.format("order"),
     "len(sales_trend) <= 30",  # so the 30-day check sums every row
-    f"coalesce(list_sum(list_transform(sales_trend, lambda r: TRY_CAST(r.sales_quantity AS BIGINT))), 0) <= {2**63 - 1}",
+    "coalesce(list_sum(list_transform(sales_trend, lambda r: TRY_CAST(r.sales_quantity AS BIGINT))), 0)"
+    f" <= {2**63 - 1}",
     _DATES_UNIQUE.format("sales_trend"),
     _DATES_UNIQUE.format("price_trend"),
     _ROWS_OK.format("sales_trend", " AND ".join(
