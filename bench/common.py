@@ -127,7 +127,7 @@ def _ppid_map() -> dict[int, list[int]]:
     return children
 
 
-def _status_kb(pid: int) -> tuple[int, int] | None:
+def status_kb(pid: int) -> tuple[int, int] | None:
     """(VmRSS, VmHWM) in kB, or None when the process is gone."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
@@ -190,7 +190,7 @@ class TreeSampler:
                 last_scan = now
             total = 0
             for pid in pids:
-                st = _status_kb(pid)
+                st = status_kb(pid)
                 if st is None:
                     continue
                 rss, hwm = st

@@ -17,6 +17,7 @@ Targets: normalise + upsert <= 2x the plain bulk insert; KPI recompute <= 2x the
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import duckdb
 
-from bench.common import append_markdown, exact_command, item_keys, log
+from bench.common import append_markdown, exact_command, item_keys, log, status_kb
 from tmapi_assets import pipeline
 from tmapi_assets.client import Attempt
 from tmapi_assets.errors import Outcome
@@ -192,11 +193,7 @@ def bench_kpis(tmp: Path, items: int, days: int, repeats: int = 3) -> dict:
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return status_kb(os.getpid())[0] / 1024
 
 
 def _peak_rss_during(fn) -> tuple[float, float, object]:

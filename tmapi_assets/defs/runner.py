@@ -158,16 +158,7 @@ def cli_instance() -> DagsterInstance:
         overrides={"compute_logs": {"module": "dagster._core.storage.noop_compute_log_manager",
                                     "class": "NoOpComputeLogManager"}},
     )
-    for attempt in range(5):
-        try:
-            instance = DagsterInstance.from_ref(ref)
-            break
-        except Exception as exc:  # noqa: BLE001
-            # Two commands started together on a new DAGSTER_HOME both create Dagster's sqlite tables; the slower
-            # one's CREATE TABLE fails ("table ... already exists"). The tables are there now: open it again.
-            if "already exists" not in str(exc) or attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    instance = _retry_start_up_race(lambda: DagsterInstance.from_ref(ref))
     # Each run's start calls logging.config.dictConfig for the python_logs handlers of dagster.yaml (this project
     # has none). dictConfig takes every handler's lock while holding logging's module lock: with runs in threads it
     # deadlocked against another run's thread that was inside a handler (storing an event) and asked for the module
@@ -175,6 +166,22 @@ def cli_instance() -> DagsterInstance:
     instance.get_yaml_python_handlers = lambda: []
     _cache_dynamic_partitions(instance)
     return instance
+
+
+# What sqlite says when another command started at the same moment on the same DAGSTER_HOME did it first: created
+# Dagster's tables ("table ... already exists") or added the same new partition keys ("UNIQUE constraint failed").
+_START_UP_RACES = ("already exists", "UNIQUE constraint failed")
+
+
+def _retry_start_up_race(action, attempts: int = 5):
+    """action(), again (after 0.2, 0.4, ... s) while it loses one of those races; its result."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy's errors, whatever the storage wraps them in
+            if attempt == attempts - 1 or not any(race in str(exc) for race in _START_UP_RACES):
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _cache_dynamic_partitions(instance: DagsterInstance) -> None:
@@ -245,18 +252,15 @@ def sync_partitions(instance: DagsterInstance, wanted: list[str]) -> list[str]:
     if removed:
         for key in removed:
             instance.delete_dynamic_partition(watched_items.name, key)
-    for attempt in range(5):
-        if not new:
-            break
-        try:
-            instance.add_dynamic_partitions(watched_items.name, new)
-            break
-        except Exception:  # noqa: BLE001 - two refreshes started together added the same keys (sqlite UNIQUE)
-            if attempt == 4:
-                raise
-            time.sleep(0.1 * (attempt + 1))
-            existing = set(instance.get_dynamic_partitions(watched_items.name))  # read again, not from the cache
-            new = [k for k in new if k not in existing]
+    def add_missing() -> None:
+        # After a lost race the failed add has dropped the cache: this reads the keys the other refresh added.
+        existing = set(instance.get_dynamic_partitions(watched_items.name))
+        missing = [k for k in new if k not in existing]
+        if missing:
+            instance.add_dynamic_partitions(watched_items.name, missing)
+
+    if new:
+        _retry_start_up_race(add_missing)
     return instance.get_dynamic_partitions(watched_items.name)
 
 

@@ -29,6 +29,7 @@ import duckdb
 from tmapi_assets import config
 from tmapi_assets.errors import Outcome, WarehouseError, WarehouseLockedError
 from tmapi_assets.ids import WatchedItem
+from tmapi_assets.parsing import MAX_INT
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -153,7 +154,7 @@ _BODY_OK = " AND ".join([
     _DISPLAY_TYPE_OK.format("order"),
     "len(sales_trend) <= 30",  # so the 30-day check sums every row
     "coalesce(list_sum(list_transform(sales_trend, lambda r: TRY_CAST(r.sales_quantity AS BIGINT))), 0)"
-    f" <= {2**63 - 1}",
+    f" <= {MAX_INT}",
     _DATES_UNIQUE.format("sales_trend"),
     _DATES_UNIQUE.format("price_trend"),
     _ROWS_OK.format("sales_trend", " AND ".join(
