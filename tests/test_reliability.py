@@ -328,6 +328,11 @@ def test_readers_use_the_published_copy_and_never_block_the_pipeline(project, sa
         assert reader.execute("SELECT count(*), count(body), count(body_bytes) FROM tmapi.raw_responses"
                               ).fetchone() == (3, 0, 0)
         assert reader.execute("SELECT sum(calls) FROM tmapi.api_calls_daily").fetchone()[0] == 3
+        # Every table and view, with the live file's columns and types (only the key indexes are left out).
+        columns = ("SELECT table_name, column_name, data_type FROM information_schema.columns "
+                   "WHERE table_schema = 'tmapi' ORDER BY ALL")
+        with duckdb.connect(str(project / "tmapi.duckdb"), read_only=True) as live:
+            assert reader.execute(columns).fetchall() == live.execute(columns).fetchall()
         add_items(project / "watchlist.csv", items(2, start=1200))
         assert refresh(None, progress=False).ok  # not blocked by the reader
         assert reader.execute("SELECT count(*) FROM tmapi.item_kpis").fetchone()[0] == 3  # its snapshot
