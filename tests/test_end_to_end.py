@@ -205,6 +205,28 @@ def test_the_cli_overlaps_its_runs_and_still_prints_its_summary(project, sandbox
     assert overlaps >= 1  # the next run started before the previous one ended
 
 
+def test_the_cli_pauses_garbage_collection_only_for_its_start_up(project, sandbox_api, monkeypatch):
+    """run_refresh turns cyclic GC off while Dagster loads; it is on again once runs start, and after an error."""
+    import gc
+
+    from tmapi_assets import cli, pipeline
+
+    seen_during_runs = []
+    fetch_items = pipeline.fetch_items
+    monkeypatch.setattr(pipeline, "fetch_items", lambda *a, **k: (seen_during_runs.append(gc.isenabled()),
+                                                                  fetch_items(*a, **k))[1])
+    add_items(project / "watchlist.csv", ITEMS[:2])
+    assert cli.run_refresh([WatchedItem(999999999999)], quiet=True) == 2  # not watched: an error before any run
+    assert gc.isenabled()
+    frozen_before = gc.get_freeze_count()
+    try:
+        assert cli.run_refresh(None, quiet=True) == 0
+        assert gc.get_freeze_count() > frozen_before  # what start-up loaded was frozen
+    finally:
+        gc.unfreeze()
+    assert seen_during_runs == [True] and gc.isenabled()
+
+
 def test_a_ui_run_publishes_the_read_copy_and_a_cli_run_leaves_it_to_the_refresh(project, sandbox_api):
     from tmapi_assets.defs import build_definitions
     from tmapi_assets.defs.assets import PUBLISH_TAG

@@ -109,7 +109,9 @@ def test_batched_writes_store_the_same_rows_as_the_stock_event_log(project, tmp_
     assert batching_index == stock_index
 
 
-def test_a_mixed_batch_falls_back_to_one_event_at_a_time(project, tmp_path):
+def test_a_mixed_batch_stores_its_asset_events_together_and_the_same_rows(project, tmp_path):
+    """A batch mixing run, step, check and asset events (a run's planned events are assets' and checks'): the runs
+    of consecutive asset events are written together, everything else one by one, and the rows are the stock's."""
     add_items(project / "watchlist.csv", ITEMS[:2])
     outcome = refresh(None, progress=False)
     events = DagsterInstance.get().all_logs(outcome.run_ids[0])
@@ -118,6 +120,13 @@ def test_a_mixed_batch_falls_back_to_one_event_at_a_time(project, tmp_path):
     batching = BatchingSqliteEventLogStorage(str(batching_dir))
     for event in events:
         stock.store_event(event)
+    written_together: list[int] = []
+    store_group = batching._store_asset_events
+    batching._store_asset_events = lambda group: (written_together.append(len(group)), store_group(group))
     batching.store_event_batch(events)  # run events, step events, checks and asset events together
+    assert max(written_together) >= len(ASSETS)  # the planned events of the assets, between the checks'
+    assert sum(written_together) == sum(1 for e in events if e.dagster_event_type in
+                                        {DagsterEventType.ASSET_MATERIALIZATION,
+                                         DagsterEventType.ASSET_MATERIALIZATION_PLANNED})
     assert _run_rows(batching_dir, outcome.run_ids[0]) == _run_rows(stock_dir, outcome.run_ids[0])
     assert _index_tables(batching_dir) == _index_tables(stock_dir)

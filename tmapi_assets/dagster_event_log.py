@@ -62,8 +62,26 @@ class BatchingSqliteEventLogStorage(SqliteEventLogStorage):
         return True
 
     def store_event_batch(self, events: Sequence[EventLogEntry]) -> None:
-        if not _batchable(events):
-            super().store_event_batch(events)  # one by one, as stock
+        """Each run of consecutive asset events of one run in one transaction per file; any other event on its own,
+        as stock, in the same order. (A run's planned events come as one batch of its assets' and its checks'
+        planned events: the checks' used to send the whole batch down the one-by-one path.)"""
+        group: list[EventLogEntry] = []
+        for event in events:
+            if _batchable(event) and (not group or event.run_id == group[0].run_id):
+                group.append(event)
+                continue
+            self._store_asset_events(group)
+            group = []
+            if _batchable(event):
+                group.append(event)
+            else:
+                self.store_event(event)
+        self._store_asset_events(group)
+
+    def _store_asset_events(self, events: Sequence[EventLogEntry]) -> None:
+        if len(events) <= 1:
+            for event in events:
+                self.store_event(event)
             return
         with self.run_connection(events[0].run_id) as conn:
             conn.execute(SqlEventLogStorageTable.insert(), [self._event_to_row(event) for event in events])
@@ -79,12 +97,8 @@ class BatchingSqliteEventLogStorage(SqliteEventLogStorage):
                 self._store_asset_event(conn, event, event_id)
 
 
-def _batchable(events: Sequence[EventLogEntry]) -> bool:
-    """Asset events of a single run (what Dagster batches); anything else goes the stock way."""
-    return bool(events) and all(
-        event.is_dagster_event
-        and event.dagster_event_type in ASSET_EVENTS
-        and event.get_dagster_event().asset_key is not None
-        and event.run_id == events[0].run_id
-        for event in events
-    )
+def _batchable(event: EventLogEntry) -> bool:
+    """An asset event (what Dagster batches: per-partition materializations, planned events)."""
+    return (event.is_dagster_event
+            and event.dagster_event_type in ASSET_EVENTS
+            and event.get_dagster_event().asset_key is not None)

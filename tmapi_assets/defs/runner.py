@@ -3,6 +3,7 @@ same instance (run history, partitions), executed in this process over contiguou
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
@@ -226,6 +227,14 @@ def _cache_dynamic_partitions(instance: DagsterInstance) -> None:
     instance.delete_dynamic_partition = delete_dynamic_partition
 
 
+def _start_up_done() -> None:
+    """Garbage collection back on if the CLI turned it off for start-up (cli.run_refresh). What start-up loaded
+    (modules, definitions, the instance) lives as long as the process: frozen, later passes do not walk it again."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 def tapered(ranges: list[tuple[str, str]], all_keys: list[str], min_items: int) -> list[tuple[str, str]]:
     """The ranges with the last one split by FINAL_RUN_SHARES, unless its pieces would be under min_items."""
     if not ranges:
@@ -313,6 +322,7 @@ def refresh(
         outcome.final.update({item: "fresh" for item in done})
 
     job = build_definitions().resolve_job_def(refresh_job.name)  # resources from the environment now
+    _start_up_done()
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     ranges = tapered(contiguous_ranges(all_keys, pending, partitions_per_run), all_keys,
                      min_items=2 * config.api_concurrency())
