@@ -11,7 +11,7 @@ import pytest
 from conftest import hold_lock
 from tmapi_assets import pipeline
 from tmapi_assets.client import Attempt
-from tmapi_assets.errors import Outcome, WarehouseLockedError
+from tmapi_assets.errors import Outcome, WarehouseError, WarehouseLockedError
 from tmapi_assets.ids import WatchedItem
 from tmapi_assets.warehouse import Warehouse
 
@@ -204,6 +204,28 @@ def test_views_join_on_date_and_count_calls(warehouse):
     assert len(daily) == 30 and daily.price_min.isna().sum() == 1  # the last sales day has no price row
     calls = warehouse.query("SELECT sum(calls) c FROM tmapi.api_calls_daily")
     assert calls.c[0] == 1
+
+
+def test_a_failed_publish_says_what_to_do_and_keeps_the_previous_copy(warehouse, tmp_path, monkeypatch):
+    import os
+
+    warehouse.record_attempts([attempt(DOC_ITEM, doc_body())], run_id="r")
+    pipeline.normalise_items(warehouse, [DOC_ITEM])
+    copy = tmp_path / "read" / "copy.duckdb"
+    warehouse.publish_read_copy(copy)
+    before = copy.read_bytes()
+    warehouse.record_attempts([attempt(WatchedItem(624282357434), doc_body())], run_id="r2")
+    real_replace = os.replace
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(WarehouseError, match="No space left on device.*unchanged.*tmapi-assets publish"):
+        warehouse.publish_read_copy(copy)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert copy.read_bytes() == before
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.duckdb"]  # no staging file left behind
 
 
 def test_freshness_query(warehouse):
