@@ -225,6 +225,12 @@ def test_the_cli_pauses_garbage_collection_only_for_its_start_up(project, sandbo
     finally:
         gc.unfreeze()
     assert seen_during_runs == [True] and gc.isenabled()
+    gc.disable()  # a caller that had it off (an embedding program) gets it back off
+    try:
+        assert cli.run_refresh([WatchedItem(999999999999)], quiet=True) == 2
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_a_ui_run_publishes_the_read_copy_and_a_cli_run_leaves_it_to_the_refresh(project, sandbox_api):

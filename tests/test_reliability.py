@@ -328,8 +328,8 @@ def test_readers_use_the_published_copy_and_never_block_the_pipeline(project, sa
         assert reader.execute("SELECT count(*), count(body), count(body_bytes) FROM tmapi.raw_responses"
                               ).fetchone() == (3, 0, 0)
         assert reader.execute("SELECT sum(calls) FROM tmapi.api_calls_daily").fetchone()[0] == 3
-        # Every table and view, with the live file's columns and types (only the key indexes are left out).
-        columns = ("SELECT table_name, column_name, data_type FROM information_schema.columns "
+        # Every table and view, with the live file's columns, types and NOT NULLs (only the keys are left out).
+        columns = ("SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns "
                    "WHERE table_schema = 'tmapi' ORDER BY ALL")
         with duckdb.connect(str(project / "tmapi.duckdb"), read_only=True) as live:
             assert reader.execute(columns).fetchall() == live.execute(columns).fetchall()

@@ -228,6 +228,13 @@ def test_a_failed_publish_says_what_to_do_and_keeps_the_previous_copy(warehouse,
     assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.duckdb"]  # no staging file left behind
 
 
+def test_a_publish_under_a_file_is_a_clear_error(warehouse, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(WarehouseError, match="could not publish the read copy.*tmapi-assets publish"):
+        warehouse.publish_read_copy(blocker / "copy.duckdb")
+
+
 def test_freshness_query(warehouse):
     now = datetime.now(timezone.utc)
     other = WatchedItem(624282357434)

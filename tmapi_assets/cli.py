@@ -154,6 +154,7 @@ def run_refresh(items: list[WatchedItem] | None, *, force: bool = False, quiet: 
     # No cyclic garbage collection while Dagster, SQLAlchemy and the definitions load: its passes over the growing
     # heap of module objects took 0.2-0.5 s of the ~1.5 s before the first API call. runner.refresh turns it back
     # on (and freezes what was loaded) once the runs are about to start.
+    collecting = gc.isenabled()
     gc.disable()
     try:
         from tmapi_assets.defs import runner as refresh_runner
@@ -166,7 +167,8 @@ def run_refresh(items: list[WatchedItem] | None, *, force: bool = False, quiet: 
         click.echo(f"error: {exc}", err=True)
         return 2
     finally:
-        gc.enable()
+        if collecting:
+            gc.enable()
     click.echo(outcome.summary_text())
     return 0 if outcome.ok else 1
 

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
@@ -631,9 +631,10 @@ class Warehouse:
         the bodies are the pipeline's (reparse), they grow without end, and copying them after every run made
         each publish cost time and memory in proportion to all history ever fetched.
 
-        The copied tables have the same columns and rows but no PRIMARY KEY: readers never write, and building the
-        key indexes was most of a publish's memory (+55 MB at 10,000 items, growing with the warehouse; now
-        +32 MB, with DuckDB held to one thread and a 64 MB limit while it copies: 3 million ledger rows, +0 MB).
+        The copied tables have the live file's columns, types, NOT NULLs and rows, but no PRIMARY KEY: readers never
+        write, and building the key indexes was most of a publish's memory (+55 MB at 10,000 items, growing with the
+        warehouse; now +32 MB, with DuckDB held to one thread and a 64 MB limit while it copies: 3 million ledger
+        rows, +0 MB).
         """
         target = Path(target)
         staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -645,11 +646,16 @@ class Warehouse:
                 conn.execute("SET memory_limit = '64MB'")
                 conn.execute(f"ATTACH {_quote(str(staging))} AS published")
                 conn.execute(f"COPY FROM DATABASE {CATALOG} TO published (SCHEMA)")  # the views, and the schema
+                not_null = conn.execute(
+                    "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = ? AND schema_name = ? "
+                    "AND NOT is_nullable ORDER BY ALL", [CATALOG, SCHEMA]).fetchall()
                 for table in TABLES:
                     columns = (" REPLACE (CAST(NULL AS VARCHAR) AS body, CAST(NULL AS BLOB) AS body_bytes)"
                                if table == "raw_responses" else "")
                     conn.execute(f"CREATE OR REPLACE TABLE published.{SCHEMA}.{table} AS "
                                  f"SELECT *{columns} FROM {SCHEMA}.{table}")
+                for table, column in not_null:  # NOT NULL as in the live file (CREATE TABLE AS drops it)
+                    conn.execute(f"ALTER TABLE published.{SCHEMA}.{table} ALTER COLUMN {column} SET NOT NULL")
                 conn.execute("DETACH published")
             os.replace(staging, target)
         except (duckdb.Error, OSError) as exc:  # (a locked live file is a WarehouseLockedError from connect())
@@ -658,8 +664,9 @@ class Warehouse:
                 "the previous copy are unchanged: free disk space if that is what failed, then `tmapi-assets publish`"
             ) from exc
         finally:
-            staging.unlink(missing_ok=True)
-            Path(f"{staging}.wal").unlink(missing_ok=True)
+            with suppress(OSError):  # (a target under a file: the error above already says so)
+                staging.unlink(missing_ok=True)
+                Path(f"{staging}.wal").unlink(missing_ok=True)
         return target
 
     # ------------------------------------------------------------------ reads for checks, CLI and tests
