@@ -258,3 +258,57 @@ def test_locked_file_fails_within_the_timeout_naming_the_holder(tmp_path):
         holder.kill()
         holder.wait()
     assert Warehouse(path).table_counts()["raw_responses"] == 0  # usable again once the holder is gone
+
+
+def _other_process_reads(path: Path, sql: str) -> str:
+    """What another process (a BI tool, dbt) gets from the file right now: its answer, or its error's last line."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", f"import duckdb; print(duckdb.connect({str(path)!r}).execute("
+                           f"{sql!r}).fetchall())"], capture_output=True, text=True, timeout=60)
+    return done.stdout.strip() if done.returncode == 0 else done.stderr.strip().splitlines()[-1]
+
+
+def test_each_unit_of_work_releases_the_file_checkpointed(warehouse):
+    """Units of work share one DuckDB instance in the process, but each attaches the file and detaches it: between
+    them another process can open the file, and it finds every committed row in the file itself (no WAL left)."""
+    warehouse.record_attempts([attempt(DOC_ITEM, doc_body())], "run-1")
+    assert not Path(f"{warehouse.path}.wal").exists()
+    assert _other_process_reads(warehouse.path, "SELECT count(*) FROM tmapi.tmapi.raw_responses") == "[(1,)]"
+    with pytest.raises(RuntimeError, match="boom"):  # a unit of work that fails in the middle of a transaction
+        with warehouse.connect() as conn:
+            conn.execute("BEGIN TRANSACTION")
+            conn.execute("DELETE FROM tmapi.raw_responses")
+            raise RuntimeError("boom")
+    assert _other_process_reads(warehouse.path, "SELECT count(*) FROM tmapi.tmapi.raw_responses") == "[(1,)]"
+    assert warehouse.table_counts()["raw_responses"] == 1
+
+
+def test_units_of_work_on_two_files_at_once_and_a_publish_do_not_meet(tmp_path):
+    """Two warehouses used by two threads at the same moment each see their own file; the publish's instance-wide
+    settings (one thread, 64 MB) stay in its own DuckDB instance."""
+    import threading
+
+    first, second = Warehouse(tmp_path / "a.duckdb"), Warehouse(tmp_path / "b.duckdb")
+    second.record_attempts([attempt(DOC_ITEM, doc_body()), attempt(WatchedItem(610947572360), doc_body())], "r")
+    first.ensure_schema()
+    inside, seen = threading.Barrier(2, timeout=30), {}
+
+    def count(name: str, warehouse: Warehouse) -> None:
+        with warehouse.connect() as conn:
+            inside.wait()  # both files attached at once
+            seen[name] = conn.execute("SELECT count(*) FROM tmapi.raw_responses").fetchone()[0]
+
+    threads = [threading.Thread(target=count, args=(n, w)) for n, w in (("a", first), ("b", second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {"a": 0, "b": 2}
+    with second.connect() as conn:
+        default_threads = conn.execute("SELECT current_setting('threads')").fetchone()[0]
+    second.publish_read_copy(tmp_path / "read.duckdb")
+    with second.connect() as conn:
+        assert conn.execute("SELECT current_setting('threads')").fetchone()[0] == default_threads
+        assert conn.execute("SELECT current_setting('TimeZone')").fetchone()[0] == "UTC"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import functools
 import json
 import logging
 import math
@@ -71,6 +72,14 @@ OVERSIZED_PREFIX_BYTES = 64 * 1024  # what is kept of a body over max_body_bytes
 _BOM = b"\xef\xbb\xbf"
 _OVERLOAD_STATUSES = frozenset({429, 503})  # "reduce concurrency" / rate limited: the limiter backs off
 _USER_AGENT = f"tmapi-assets/0.1 httpx/{httpx.__version__}"
+
+
+@functools.cache
+def _tls_context():
+    """httpx's default TLS settings (certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR), built once per process: each
+    client built its own, loading the CA bundle (~30 ms), and a refresh builds a client per run."""
+    return httpx.create_ssl_context()
+
 
 HALTED: Literal["halted"] = "halted"
 
@@ -714,7 +723,8 @@ class TmapiClient:
         # Default sleep wakes up as soon as the halt is set (a halted run does not wait out a 20 s backoff).
         self._sleep = sleep if sleep is not None else self.halt.wait
         self._client = httpx.Client(
-            transport=transport, timeout=self._core.timeout, follow_redirects=False, headers={"user-agent": _USER_AGENT}
+            transport=transport, timeout=self._core.timeout, follow_redirects=False, headers={"user-agent": _USER_AGENT},
+            verify=_tls_context(),
         )
 
     def __enter__(self) -> "TmapiClient":
@@ -805,7 +815,7 @@ class AsyncTmapiClient:
                               max_keepalive_connections=max(settings.concurrency, self.limiter.max_limit))
         self._client = httpx.AsyncClient(
             transport=transport, timeout=self._core.timeout, follow_redirects=False, limits=limits,
-            headers={"user-agent": _USER_AGENT},
+            headers={"user-agent": _USER_AGENT}, verify=_tls_context(),
         )
 
     async def __aenter__(self) -> "AsyncTmapiClient":
