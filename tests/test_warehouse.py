@@ -312,3 +312,83 @@ def test_units_of_work_on_two_files_at_once_and_a_publish_do_not_meet(tmp_path):
     with second.connect() as conn:
         assert conn.execute("SELECT current_setting('threads')").fetchone()[0] == default_threads
         assert conn.execute("SELECT current_setting('TimeZone')").fetchone()[0] == "UTC"
+
+
+def _kpis_by_hand(sales: list[tuple], prices: list[tuple]) -> dict:
+    """The KPI definitions (kpis.sql's header) computed in Python for one item's rows: sales (date, pieces, orders),
+    prices (date, price_min, price_max)."""
+    out = {}
+    last_sales = max(d for d, _, _ in sales)
+    window = [r for r in sales if r[0] > last_sales - timedelta(days=30)]
+    out["units_7d"] = sum(q for d, q, _ in sales if d > last_sales - timedelta(days=7))
+    out["units_30d"] = sum(q for _, q, _ in window)
+    out["orders_30d"] = sum(o for _, _, o in window)
+    out["zero_sales_days_30d"] = sum(1 for _, q, _ in window if q == 0)
+    out["history_days"] = len(sales)
+    priced = sorted(r for r in prices if r[1] is not None)
+    last_price = priced[-1][0]
+    out["latest_price_min"], out["latest_price_max"] = priced[-1][1], priced[-1][2]
+    for n in (7, 30):
+        before = [r for r in priced if r[0] <= last_price - timedelta(days=n)]
+        reference = (before[-1] if before else priced[0])[1]
+        out[f"price_change_pct_{n}d"] = round(100 * float(out["latest_price_min"] - reference) / float(reference), 4)
+    out["lowest_price_min"] = min(p for _, p, _ in priced)
+    out["lowest_price_date"] = max(d for d, p, _ in priced if p == out["lowest_price_min"])
+    out["last_observed_date"] = max(last_sales, last_price)
+    return out
+
+
+def test_kpis_over_long_gappy_histories_match_the_definitions_for_all_items_and_for_some(warehouse):
+    """History longer than the windows, gaps (a reference day that is not exactly 7 or 30 days back), histories
+    shorter than 7 days, unpriced days, a lowest price seen twice: the SQL gives the definitions' values, whether
+    the KPIs are recomputed for every item (no scope joins) or for a few (the others are left as they were)."""
+    import random
+
+    rng = random.Random(7)
+    end, rows_sales, rows_prices, expected = date(2025, 7, 23), [], [], {}
+    for n in range(25):
+        item = WatchedItem(1688000000000 + n, "" if n % 5 else "spec-a")
+        days = sorted(rng.sample(range(400), rng.choice([1, 3, 6, 40, 120, 300])))
+        sales = [(end - timedelta(days=d), rng.choice([0, 0, 3, 17, 250]), rng.randint(0, 9)) for d in days]
+        prices = [(end - timedelta(days=d), None if rng.random() < 0.1 else Decimal(rng.choice(["9.90", "12.50", "8.00",
+                   "15.25"])), Decimal("99.00")) for d in days]
+        if all(p is None for _, p, _ in prices):
+            prices[0] = (prices[0][0], Decimal("10.00"), Decimal("99.00"))
+        rows_sales += [(item.item_id, item.spec_id, *r) for r in sales]
+        rows_prices += [(item.item_id, item.spec_id, *r) for r in prices]
+        expected[(item.item_id, item.spec_id)] = _kpis_by_hand(sales, prices)
+    import pandas as pd
+
+    sales_frame = pd.DataFrame(rows_sales, columns=["item_id", "spec_id", "date", "sales_quantity", "order_quantity"])
+    price_frame = pd.DataFrame(rows_prices, columns=["item_id", "spec_id", "date", "price_min", "price_max"])
+    with warehouse.connect() as conn:
+        conn.register("sales_frame", sales_frame)
+        conn.register("price_frame", price_frame)
+        conn.execute("INSERT INTO tmapi.sales_trend_daily SELECT *, now() FROM sales_frame")
+        conn.execute("INSERT INTO tmapi.price_trend_daily SELECT item_id, spec_id, date, CAST(price_min AS "
+                     "DECIMAL(18, 4)), CAST(price_max AS DECIMAL(18, 4)), now() FROM price_frame")
+    columns = sorted(next(iter(expected.values())))
+
+    def stored() -> dict:
+        return {(r["item_id"], r["spec_id"]): {c: r[c] for c in columns}
+                for r in warehouse.records("SELECT * FROM tmapi.item_kpis")}
+
+    assert warehouse.refresh_kpis() == len(expected)
+    every_item = stored()
+    for key, by_hand in expected.items():
+        got = every_item[key]
+        for column in columns:
+            if column.startswith("price_change_pct"):
+                assert float(got[column]) == pytest.approx(by_hand[column], abs=1e-4), (key, column)
+            else:
+                assert got[column] == by_hand[column], (key, column)
+    some = [WatchedItem(*key) for key in list(expected)[:6]]
+    with warehouse.connect() as conn:
+        conn.execute("UPDATE tmapi.item_kpis SET units_7d = -1")  # stale values the scoped recompute must leave
+    assert warehouse.refresh_kpis(some) == 6
+    scoped = stored()
+    for key in expected:
+        if WatchedItem(*key) in some:
+            assert scoped[key] == every_item[key]
+        else:
+            assert scoped[key]["units_7d"] == -1

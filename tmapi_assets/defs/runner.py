@@ -61,16 +61,13 @@ class _Pace:
         self.times: deque[float] = deque()
 
     def tick(self) -> None:
-        now = time.monotonic()
-        self.times.append(now)
-        while now - self.times[0] > self.WINDOW_S:
-            self.times.popleft()
+        self.times.append(time.monotonic())
 
     def rate(self) -> float:
         now = time.monotonic()
-        since = max(now - self.WINDOW_S, self.started)
-        recent = sum(1 for t in self.times if t >= since)
-        return recent / max(now - since, 1e-3)
+        while self.times and now - self.times[0] > self.WINDOW_S:
+            self.times.popleft()
+        return len(self.times) / max(min(now - self.started, self.WINDOW_S), 1e-3)
 
 
 @dataclass

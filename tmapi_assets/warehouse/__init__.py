@@ -648,16 +648,17 @@ class Warehouse:
             else:
                 _scope_table(conn, "kpi_scope", items)
             with _transaction(conn):
-                count = self._refresh_kpis(conn)
+                count = self._refresh_kpis(conn, every_item=items is None)
         return count
 
     @staticmethod
-    def _refresh_kpis(conn: duckdb.DuckDBPyConnection) -> int:
+    def _refresh_kpis(conn: duckdb.DuckDBPyConnection, *, every_item: bool = False) -> int:
         conn.execute(
             """DELETE FROM tmapi.item_kpis k USING kpi_scope s
                WHERE k.item_id = s.item_id AND k.spec_id = s.spec_id"""
         )
-        conn.execute(f"INSERT INTO tmapi.item_kpis BY NAME {_sql('kpis.sql')}")
+        in_scope = "" if every_item else "SEMI JOIN scope USING (item_id, spec_id)"
+        conn.execute(f"INSERT INTO tmapi.item_kpis BY NAME {_sql('kpis.sql').replace('{in_scope}', in_scope)}")
         return conn.execute("SELECT count(*) FROM kpi_scope").fetchone()[0]
 
     # ------------------------------------------------------------------ the read-only copy for BI tools and dbt
