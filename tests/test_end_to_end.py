@@ -96,6 +96,16 @@ def test_failures_are_per_item_and_a_rerun_fetches_only_what_is_missing(project,
     assert outcome.landed == len(ITEMS)
     assert outcome.calls == len(ITEMS) + 1 + 2  # the flaky item took 3 attempts; 422 is never retried
     assert "FAILED 777700000422" in outcome.summary_text()
+    # The checks (one step) say so: raw_items_landed fails naming the item, the others pass.
+    instance = DagsterInstance.get()
+    results = {
+        e.dagster_event.event_specific_data.check_name: e.dagster_event.event_specific_data
+        for run_id in outcome.run_ids for e in instance.all_logs(run_id)
+        if e.dagster_event and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+    assert {name: r.passed for name, r in results.items()} == {
+        "raw_items_landed": False, "sum30_matches": True, "price_min_not_above_max": True}
+    assert results["raw_items_landed"].metadata["missing_items"].value == "777700000422"
 
     calls_before = sandbox_api.stats()["requests_total"]
     rerun = refresh(None, progress=False)

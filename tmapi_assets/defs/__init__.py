@@ -9,7 +9,7 @@ warnings.filterwarnings("ignore", category=BetaWarning)
 
 from tmapi_assets.defs.assets import item_kpis, normalised_tables, raw_responses  # noqa: E402
 from tmapi_assets.defs.automation import daily_refresh, refresh_job, watchlist_sensor  # noqa: E402
-from tmapi_assets.defs.checks import price_min_not_above_max, raw_items_landed, sum30_matches  # noqa: E402
+from tmapi_assets.defs.checks import data_checks  # noqa: E402
 from tmapi_assets.defs.resources import default_resources  # noqa: E402
 
 
@@ -18,7 +18,7 @@ def build_definitions() -> Definitions:
     TMAPI_BASE_URL / TMAPI_DUCKDB_PATH)."""
     return Definitions(
         assets=[raw_responses, normalised_tables, item_kpis],
-        asset_checks=[raw_items_landed, sum30_matches, price_min_not_above_max],
+        asset_checks=[data_checks],
         jobs=[refresh_job],
         schedules=[daily_refresh],
         sensors=[watchlist_sensor],
