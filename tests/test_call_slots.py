@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import hold_lock
@@ -74,6 +75,95 @@ def test_acquire_waits_for_a_slot_freed_by_another_process(tmp_path):
     slot = asyncio.run(asyncio.wait_for(slots.acquire(), 10))
     holder.wait()
     assert slot == 0 and time.monotonic() - started >= 0.25 and slots.waits == 1
+
+
+def test_a_released_slot_goes_to_the_same_runs_next_call_before_any_other_run(tmp_path):
+    """Within an event-loop step a released slot stays with its run (the call its limiter just let through takes
+    it); another run (here: a second instance, as from another thread) gets it only once nobody of the run asked."""
+
+    async def scenario() -> None:
+        older, newer = CallSlots(tmp_path, 1), CallSlots(tmp_path, 1)
+        slot = await older.acquire()
+        older.release(slot)
+        assert newer.try_acquire() is None  # another run's thread at this very moment: the slot is kept
+        assert await older.acquire() == slot  # the older run's next call
+        older.release(slot)
+        await asyncio.sleep(0)  # nobody of the older run asked within the step: back to the host
+        assert newer.try_acquire() == slot
+        newer.release(slot)
+
+        # A caller already waiting gets the slot from the release itself, also when another run waits too.
+        first = await older.acquire()
+        waiting_here = asyncio.ensure_future(older.acquire())
+        waiting_there = asyncio.ensure_future(newer.acquire())
+        await asyncio.sleep(0.02)
+        older.release(first)
+        assert await waiting_here == first
+        assert not waiting_there.done()
+        older.release(first)
+        await asyncio.sleep(0)  # back to the host: the other run's poll finds it
+        assert await asyncio.wait_for(waiting_there, 2) == first
+        newer.release(first)
+
+        # A waiter cancelled as the slot was handed to it passes the slot on.
+        first = await older.acquire()
+        cancelled, next_one = asyncio.ensure_future(older.acquire()), asyncio.ensure_future(older.acquire())
+        await asyncio.sleep(0)
+        older.release(first)  # handed to `cancelled`, which has not run yet
+        cancelled.cancel()
+        assert await asyncio.wait_for(next_one, 2) == first
+        older.release(first)
+        await asyncio.sleep(0)
+        assert older.held_here() == 0
+
+    asyncio.run(scenario())
+
+
+ANSWER = json.loads((Path(__file__).parent / "fixtures" / "doc_example_full.json").read_text(encoding="utf-8"))
+
+
+def test_overlapping_runs_the_older_one_makes_all_its_calls_first(tmp_path):
+    """Two clients in two threads (two runs of one refresh), one cap of 2: once the older run holds the slots,
+    the newer one's calls start only when the older one has none left waiting, and never more than 2 at once."""
+    log: list[tuple[str, str]] = []
+    in_flight = [0, 0]  # now, peak
+    lock = threading.Lock()
+    older_started = threading.Event()
+
+    async def handler(request):
+        with lock:
+            log.append((request.url.params["item_id"][0], request.url.params["item_id"]))
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight)
+        if len(log) >= 2:
+            older_started.set()
+        await asyncio.sleep(0.02)
+        with lock:
+            in_flight[0] -= 1
+        return httpx.Response(200, json=ANSWER)
+
+    def run(first_digit: str, count: int, landed: list) -> None:
+        async def main() -> None:
+            settings = ClientSettings(base_url="http://api.test", api_token="test-token", concurrency=2)
+            async with AsyncTmapiClient(settings, transport=httpx.MockTransport(handler),
+                                        call_slots=CallSlots(tmp_path, 2)) as client:
+                results = await client.fetch_many([WatchedItem(int(first_digit + "00000000000") + i)
+                                                   for i in range(count)])
+            landed.append(sum(r.ok for r in results))
+        asyncio.run(main())
+
+    landed_older, landed_newer = [], []
+    older = threading.Thread(target=run, args=("1", 12, landed_older))
+    older.start()
+    assert older_started.wait(10)
+    newer = threading.Thread(target=run, args=("2", 4, landed_newer))
+    newer.start()
+    older.join(30)
+    newer.join(30)
+    assert landed_older == [12] and landed_newer == [4]
+    runs_in_call_order = [run for run, _ in log]
+    assert runs_in_call_order == ["1"] * 12 + ["2"] * 4
+    assert in_flight[1] == 2
 
 
 FETCH_IN_CHILD = """

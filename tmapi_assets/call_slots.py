@@ -8,6 +8,13 @@ Why flock: the kernel drops the lock when its holder dies (SIGKILL included), so
 and flock locks belong to an open file description, so two tasks of the same process conflict like two processes
 (a per-process table keeps them from sharing one descriptor). The cap is per host: runs on other machines (a
 Kubernetes run launcher) need the Dagster pool limit instead (README, "How many calls at once").
+
+A slot released by a call goes first to the next call of the same `CallSlots` (one per run): to a caller already
+waiting, or to the one the run's limiter has just let through, which asks for it within the same event-loop step.
+Only then does it go back to the host. So while runs overlap, the older run keeps its slots until its queue is
+empty and the newer one gets what it gives up: the older run's calls end first and its writes overlap the newer
+run's calls. (Left to chance, the two shared the slots; the penultimate run of a refresh sometimes finished its
+calls after the final one, and the two runs' writes, after the last call, made the refresh ~0.4 s longer.)
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import asyncio
 import fcntl
 import os
 import threading
+from collections import deque
 from pathlib import Path
 
 # Waiting for a slot polls (flock has no async wait): 1 ms, doubling to 8 ms. Slots are only contended while two
@@ -38,6 +46,9 @@ class CallSlots:
         self.capacity = capacity
         self.waits = 0  # acquisitions that found every slot taken at first
         self._next = 0
+        # Used from one event loop (the run's): slots a finished call left for the next one, and callers waiting.
+        self._spare: deque[int] = deque()
+        self._waiting: deque[asyncio.Future[int]] = deque()
 
     def try_acquire(self) -> int | None:
         """Take a free slot now (its number), or None if all `capacity` are held here or by other processes."""
@@ -59,21 +70,59 @@ class CallSlots:
         return None
 
     def release(self, slot: int) -> None:
+        """Give the slot up: to a caller of this instance waiting for one, else to the next caller of this event-loop
+        step (the limiter's next call, resumed by the release that came before this one), else to the host."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():  # done: cancelled while waiting
+                waiter.set_result(slot)
+                return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in an event loop: nobody can be about to ask
+            self._close(slot)
+            return
+        self._spare.append(slot)
+        loop.call_soon(self._return_if_spare, slot)  # runs after the callbacks already queued (the resumed caller)
+
+    def _return_if_spare(self, slot: int) -> None:
+        if slot in self._spare:
+            self._spare.remove(slot)
+            self._close(slot)
+
+    def _close(self, slot: int) -> None:
         with CallSlots._process_lock:
             fd = CallSlots._held.pop((self.directory, slot), None)
         if fd is not None:
             os.close(fd)  # closing the descriptor drops the flock
 
     async def acquire(self) -> int:
-        slot = self.try_acquire()
+        if self._spare:
+            return self._spare.popleft()
+        slot = None if self._waiting else self.try_acquire()
         if slot is not None:
             return slot
         self.waits += 1
+        # Wait for a slot this instance's calls hand on, and poll for one freed elsewhere (flock has no async wait).
+        handed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.append(handed)
         delay = _POLL_FIRST_S
-        while (slot := self.try_acquire()) is None:
-            await asyncio.sleep(delay)
-            delay = min(_POLL_MAX_S, delay * 2)
-        return slot
+        try:
+            while True:
+                await asyncio.wait((handed,), timeout=delay)
+                if handed.done():
+                    return handed.result()
+                slot = self.try_acquire()
+                if slot is not None:
+                    self._waiting.remove(handed)
+                    return slot
+                delay = min(_POLL_MAX_S, delay * 2)
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():
+                self.release(handed.result())  # handed to us as we were cancelled: pass it on
+            elif handed in self._waiting:
+                self._waiting.remove(handed)
+            raise
 
     def held_here(self) -> int:
         with CallSlots._process_lock:

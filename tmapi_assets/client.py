@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
-import functools
 import json
 import logging
 import math
 import random
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -74,11 +74,18 @@ _OVERLOAD_STATUSES = frozenset({429, 503})  # "reduce concurrency" / rate limite
 _USER_AGENT = f"tmapi-assets/0.1 httpx/{httpx.__version__}"
 
 
-@functools.cache
-def _tls_context():
+_tls_lock = threading.Lock()
+_tls: list[ssl.SSLContext] = []
+
+
+def tls_context() -> ssl.SSLContext:
     """httpx's default TLS settings (certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR), built once per process: each
-    client built its own, loading the CA bundle (~30 ms), and a refresh builds a client per run."""
-    return httpx.create_ssl_context()
+    client built its own, loading the CA bundle (~30 ms), and a refresh builds a client per run. (A lock, not a
+    cache decorator: a caller arriving while another thread builds it waits for that one instead of building two.)"""
+    with _tls_lock:
+        if not _tls:
+            _tls.append(httpx.create_ssl_context())
+        return _tls[0]
 
 
 HALTED: Literal["halted"] = "halted"
@@ -724,7 +731,7 @@ class TmapiClient:
         self._sleep = sleep if sleep is not None else self.halt.wait
         self._client = httpx.Client(
             transport=transport, timeout=self._core.timeout, follow_redirects=False, headers={"user-agent": _USER_AGENT},
-            verify=_tls_context(),
+            verify=tls_context(),
         )
 
     def __enter__(self) -> "TmapiClient":
@@ -815,7 +822,7 @@ class AsyncTmapiClient:
                               max_keepalive_connections=max(settings.concurrency, self.limiter.max_limit))
         self._client = httpx.AsyncClient(
             transport=transport, timeout=self._core.timeout, follow_redirects=False, limits=limits,
-            headers={"user-agent": _USER_AGENT}, verify=_tls_context(),
+            headers={"user-agent": _USER_AGENT}, verify=tls_context(),
         )
 
     async def __aenter__(self) -> "AsyncTmapiClient":
@@ -866,9 +873,9 @@ class AsyncTmapiClient:
                 # Still holding the slot: a halt is set before anyone waiting for a slot can start a call.
                 delay = core.complete(attempt, attempts, retry_after)
             finally:
+                limiter.release()  # first: the call it lets through takes this host slot (call_slots.py)
                 if host_slot is not None:
                     self.call_slots.release(host_slot)
-                limiter.release()
             if delay is None:
                 return core.finish(item, attempts, payload)
             if delay > 0:

@@ -16,7 +16,7 @@ from dagster import DagsterEventType, DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 from tqdm import tqdm
 
-from tmapi_assets import config, pipeline
+from tmapi_assets import client, config, pipeline
 from tmapi_assets.defs import build_definitions
 from tmapi_assets.defs.assets import FORCE_TAG, PARTITIONS_PER_RUN, PUBLISH_TAG, short_list
 from tmapi_assets.defs.automation import (
@@ -301,6 +301,9 @@ def refresh(
     halt = read_halt()
     if halt is not None:
         raise RunHaltedError(halt.describe(), outcome=Outcome(halt.outcome))
+    # The TLS context the runs' clients share (~40 ms to build, most of it in OpenSSL without the GIL) is built on
+    # the other core while Dagster's storage modules load.
+    threading.Thread(target=client.tls_context, name="tmapi-tls-context", daemon=True).start()
     instance = cli_instance()
     reap_dead_cli_runs(instance)
     all_keys = sync_partitions(instance, wanted)
