@@ -164,6 +164,7 @@ def test_overlapping_runs_the_older_one_makes_all_its_calls_first(tmp_path):
     runs_in_call_order = [run for run, _ in log]
     assert runs_in_call_order == ["1"] * 12 + ["2"] * 4
     assert in_flight[1] == 2
+    assert CallSlots(tmp_path, 2).held_here() == 0  # every slot given back when the runs ended
 
 
 FETCH_IN_CHILD = """

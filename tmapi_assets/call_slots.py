@@ -90,6 +90,12 @@ class CallSlots:
             self._spare.remove(slot)
             self._close(slot)
 
+    def return_spare(self) -> None:
+        """Give back every slot kept for a next call (the client calls this when it closes, in case its loop ends
+        before the callbacks that would have)."""
+        while self._spare:
+            self._close(self._spare.popleft())
+
     def _close(self, slot: int) -> None:
         with CallSlots._process_lock:
             fd = CallSlots._held.pop((self.directory, slot), None)

@@ -832,6 +832,8 @@ class AsyncTmapiClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self.call_slots is not None:
+            self.call_slots.return_spare()
         await self._client.aclose()
 
     def __repr__(self) -> str:
