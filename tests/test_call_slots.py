@@ -119,6 +119,41 @@ def test_a_released_slot_goes_to_the_same_runs_next_call_before_any_other_run(tm
     asyncio.run(scenario())
 
 
+def test_a_release_from_another_event_loop_or_thread_goes_to_the_host(tmp_path):
+    """An instance hands slots on only within its own loop: released from another loop (or from a thread without
+    one), a slot goes back to the host, where a waiter's poll finds it. Nothing is handed across threads, and no
+    slot ends up held twice. (Found by an attack: such a handover raced the waiter's poll, which then raised with
+    both slots held.)"""
+    slots, other = CallSlots(tmp_path, 2), CallSlots(tmp_path, 2)
+    real_try_acquire, polls = slots.try_acquire, [0]
+    held: dict[str, int] = {}
+
+    async def release_in_another_loop() -> None:
+        slots.release(held["by_another_loop"])
+
+    def try_acquire_while_others_release():
+        polls[0] += 1
+        if polls[0] == 2:  # (1: acquire finds both taken) the waiter's first poll, after its future was not done
+            for target in (lambda: other.release(held["by_another_process"]),
+                           lambda: asyncio.run(release_in_another_loop())):
+                thread = threading.Thread(target=target)
+                thread.start()
+                thread.join()
+        return real_try_acquire()
+
+    async def scenario() -> None:
+        held["by_another_loop"] = await slots.acquire()  # (taken in this loop, released from another below)
+        held["by_another_process"] = other.try_acquire()
+        slots.try_acquire = try_acquire_while_others_release
+        got = await asyncio.wait_for(slots.acquire(), 2)
+        assert got in (0, 1) and slots.held_here() == 1  # the waiter's slot, and nothing else
+        slots.release(got)
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert slots.held_here() == 0
+
+
 ANSWER = json.loads((Path(__file__).parent / "fixtures" / "doc_example_full.json").read_text(encoding="utf-8"))
 
 

@@ -295,3 +295,23 @@ def test_two_refreshes_adding_the_same_new_keys_at_once_both_go_on(project):
     storage.add_dynamic_partitions = racing_add
     assert sync_partitions(instance, ["1", "2", "3"]) == ["1", "2", "3"]
     assert calls == [["1", "2", "3"], ["3"]]
+
+
+def test_a_tls_context_that_cannot_be_built_leaves_no_stray_traceback(monkeypatch):
+    """The refresh builds the shared TLS context in a thread at start-up; if it fails there (SSL_CERT_FILE pointing
+    nowhere), each run's client raises it where its step reports it: the thread itself prints nothing."""
+    import threading
+
+    from tmapi_assets import client
+    from tmapi_assets.defs import runner
+
+    monkeypatch.setenv("SSL_CERT_FILE", "/nonexistent/ca.pem")
+    monkeypatch.setattr(client, "_tls", [])
+    uncaught = []  # what would be printed as "Exception in thread ..."
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)
+    thread = threading.Thread(target=runner._build_tls_context)
+    thread.start()
+    thread.join()
+    assert uncaught == []
+    with pytest.raises(OSError):
+        client.tls_context()  # the error itself is not lost: the run's client meets it

@@ -14,7 +14,8 @@ waiting, or to the one the run's limiter has just let through, which asks for it
 Only then does it go back to the host. So while runs overlap, the older run keeps its slots until its queue is
 empty and the newer one gets what it gives up: the older run's calls end first and its writes overlap the newer
 run's calls. (Left to chance, the two shared the slots; the penultimate run of a refresh sometimes finished its
-calls after the final one, and the two runs' writes, after the last call, made the refresh ~0.4 s longer.)
+calls after the final one, and the two runs' writes, after the last call, made the refresh ~0.4 s longer.) The
+price: a run of another process waits for a run that holds every slot until its queue is empty (one run's items).
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ class CallSlots:
         self.capacity = capacity
         self.waits = 0  # acquisitions that found every slot taken at first
         self._next = 0
-        # Used from one event loop (the run's): slots a finished call left for the next one, and callers waiting.
+        # Meant for one event loop (the run's): slots a finished call left for the next one, and callers waiting
+        # (futures of _loop, the loop they wait in; a release from elsewhere gives its slot to the host instead).
         self._spare: deque[int] = deque()
         self._waiting: deque[asyncio.Future[int]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def try_acquire(self) -> int | None:
         """Take a free slot now (its number), or None if all `capacity` are held here or by other processes."""
@@ -72,16 +75,18 @@ class CallSlots:
     def release(self, slot: int) -> None:
         """Give the slot up: to a caller of this instance waiting for one, else to the next caller of this event-loop
         step (the limiter's next call, resumed by the release that came before this one), else to the host."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in an event loop: nobody can be about to ask
+            loop = None
+        if loop is None or loop is not self._loop:
+            self._close(slot)
+            return
         while self._waiting:
             waiter = self._waiting.popleft()
             if not waiter.done():  # done: cancelled while waiting
                 waiter.set_result(slot)
                 return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not in an event loop: nobody can be about to ask
-            self._close(slot)
-            return
         self._spare.append(slot)
         loop.call_soon(self._return_if_spare, slot)  # runs after the callbacks already queued (the resumed caller)
 
@@ -103,6 +108,11 @@ class CallSlots:
             os.close(fd)  # closing the descriptor drops the flock
 
     async def acquire(self) -> int:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first use (or a new loop): what was kept for the old one goes to the host
+            self.return_spare()
+            self._waiting.clear()
+            self._loop = loop
         if self._spare:
             return self._spare.popleft()
         slot = None if self._waiting else self.try_acquire()
@@ -110,7 +120,7 @@ class CallSlots:
             return slot
         self.waits += 1
         # Wait for a slot this instance's calls hand on, and poll for one freed elsewhere (flock has no async wait).
-        handed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        handed: asyncio.Future[int] = loop.create_future()
         self._waiting.append(handed)
         delay = _POLL_FIRST_S
         try:
@@ -120,7 +130,8 @@ class CallSlots:
                     return handed.result()
                 slot = self.try_acquire()
                 if slot is not None:
-                    self._waiting.remove(handed)
+                    if handed in self._waiting:
+                        self._waiting.remove(handed)
                     return slot
                 delay = min(_POLL_MAX_S, delay * 2)
         except asyncio.CancelledError:

@@ -226,6 +226,15 @@ def _cache_dynamic_partitions(instance: DagsterInstance) -> None:
     instance.delete_dynamic_partition = delete_dynamic_partition
 
 
+def _build_tls_context() -> None:
+    """client.tls_context() ahead of the runs; quietly: if it fails (SSL_CERT_FILE pointing nowhere), each run's
+    client fails the same way and its step says so, without a stray thread traceback on the console."""
+    try:
+        client.tls_context()
+    except Exception:  # noqa: BLE001 - raised again, with its context, where a run builds its client
+        pass
+
+
 def _start_up_done() -> None:
     """Garbage collection back on if the CLI turned it off for start-up (cli.run_refresh). What start-up loaded
     (modules, definitions, the instance) lives as long as the process: frozen, later passes do not walk it again."""
@@ -303,7 +312,7 @@ def refresh(
         raise RunHaltedError(halt.describe(), outcome=Outcome(halt.outcome))
     # The TLS context the runs' clients share (~40 ms to build, most of it in OpenSSL without the GIL) is built on
     # the other core while Dagster's storage modules load.
-    threading.Thread(target=client.tls_context, name="tmapi-tls-context", daemon=True).start()
+    threading.Thread(target=_build_tls_context, name="tmapi-tls-context", daemon=True).start()
     instance = cli_instance()
     reap_dead_cli_runs(instance)
     all_keys = sync_partitions(instance, wanted)
