@@ -96,7 +96,8 @@ def test_failures_are_per_item_and_a_rerun_fetches_only_what_is_missing(project,
     assert outcome.landed == len(ITEMS)
     assert outcome.calls == len(ITEMS) + 1 + 2  # the flaky item took 3 attempts; 422 is never retried
     assert "FAILED 777700000422" in outcome.summary_text()
-    # The checks (one step) say so: raw_items_landed fails naming the item, the others pass.
+    # The checks (evaluated in the steps that write what they check) say so: raw_items_landed fails naming the
+    # item, the others pass.
     instance = DagsterInstance.get()
     results = {
         e.dagster_event.event_specific_data.check_name: e.dagster_event.event_specific_data
@@ -315,3 +316,32 @@ def test_a_tls_context_that_cannot_be_built_leaves_no_stray_traceback(monkeypatc
     assert uncaught == []
     with pytest.raises(OSError):
         client.tls_context()  # the error itself is not lost: the run's client meets it
+
+
+def test_a_check_or_the_kpis_alone_from_the_ui_make_no_api_call(project, sandbox_api):
+    """The checks are evaluated inside the raw and normalising steps, but each asset and check can still be run
+    alone, as from the UI's asset graph: the KPIs, or raw_items_landed, without a single paid call."""
+    from dagster import AssetCheckKey
+
+    from tmapi_assets.defs import build_definitions
+    from tmapi_assets.defs.automation import refresh_job
+    from tmapi_assets.defs.partitions import KPIS, RAW
+
+    assert refresh(None, progress=False).ok
+    calls = sandbox_api.stats()["requests_total"]
+    instance = DagsterInstance.get()
+    job = build_definitions().resolve_job_def(refresh_job.name)
+    first, last = ITEMS[0].partition_key, ITEMS[-1].partition_key
+    tags = {RANGE_START_TAG: first, RANGE_END_TAG: last}
+
+    only_kpis = job.execute_in_process(instance=instance, tags=tags, asset_selection=[KPIS])
+    assert only_kpis.success
+    assert {m.asset_key for m in only_kpis.asset_materializations_for_node("normalised_tables")} == {KPIS}
+    landed = AssetCheckKey(RAW, "raw_items_landed")
+    only_check = job.get_subset(asset_selection=set(), asset_check_selection={landed}).execute_in_process(
+        instance=instance, tags=tags)
+    assert only_check.success
+    evaluations = only_check.get_asset_check_evaluations()
+    assert [(e.asset_check_key, e.passed) for e in evaluations] == [(landed, True)]
+    assert only_check.asset_materializations_for_node("raw_responses") == []
+    assert sandbox_api.stats()["requests_total"] == calls

@@ -439,7 +439,7 @@ def test_a_refresh_blocked_by_a_lock_says_so_in_a_few_lines(project, sandbox_api
     assert proc.returncode == 1, output
     assert "Traceback" not in output and len(output.strip().splitlines()) <= 8, output
     assert f"locked by PID {holder.pid}" in output
-    assert "failed: tmapi__raw_responses: DuckDB file" in output
+    assert "failed: raw_responses: DuckDB file" in output
     assert "FAILED 12 items (" in output
     assert sandbox_api.stats()["requests_total"] == 0  # nothing bought while answers could not be stored
     assert refresh(None, progress=False).ok

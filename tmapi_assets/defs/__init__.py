@@ -7,9 +7,8 @@ from dagster import BetaWarning, Definitions, in_process_executor
 # BackfillPolicy is marked beta; it is what makes a backfill of N items N/K runs instead of N (see assets.py).
 warnings.filterwarnings("ignore", category=BetaWarning)
 
-from tmapi_assets.defs.assets import item_kpis, normalised_tables, raw_responses  # noqa: E402
+from tmapi_assets.defs.assets import normalised_tables, raw_responses  # noqa: E402
 from tmapi_assets.defs.automation import daily_refresh, refresh_job, watchlist_sensor  # noqa: E402
-from tmapi_assets.defs.checks import data_checks  # noqa: E402
 from tmapi_assets.defs.resources import default_resources  # noqa: E402
 
 
@@ -17,8 +16,7 @@ def build_definitions() -> Definitions:
     """The definitions with resources read from the environment now (the CLI and tests call this after setting
     TMAPI_BASE_URL / TMAPI_DUCKDB_PATH)."""
     return Definitions(
-        assets=[raw_responses, normalised_tables, item_kpis],
-        asset_checks=[data_checks],
+        assets=[raw_responses, normalised_tables],
         jobs=[refresh_job],
         schedules=[daily_refresh],
         sensors=[watchlist_sensor],

@@ -10,7 +10,6 @@ from datetime import timedelta
 
 from dagster import (
     AssetExecutionContext,
-    AssetKey,
     AssetSpec,
     Backoff,
     BackfillPolicy,
@@ -19,16 +18,30 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     RetryPolicy,
-    asset,
     multi_asset,
 )
 
 from tmapi_assets import config, pipeline
-from tmapi_assets.defs.partitions import items_of, watched_items
+from tmapi_assets.defs.checks import (
+    PRICE_MIN_NOT_ABOVE_MAX,
+    RAW_ITEMS_LANDED,
+    SUM30_MATCHES,
+    price_min_not_above_max,
+    raw_items_landed,
+    sum30_matches,
+)
+from tmapi_assets.defs.partitions import (
+    ITEM_STATISTICS,
+    KPIS,
+    PRICE_TREND,
+    RAW,
+    SALES_TREND,
+    items_of,
+    watched_items,
+)
 from tmapi_assets.defs.resources import TmapiApiResource, WarehouseResource
 from tmapi_assets.errors import TmapiError, WarehouseLockedError
 
-KEY_PREFIX = "tmapi"
 API_POOL = "tmapi_api"
 FORCE_TAG = "tmapi/force"  # set to "true" on a run (UI launchpad or `refresh --force`) to skip the freshness check
 # "false" on a run: its KPI step leaves the read copy alone (`tmapi-assets refresh` publishes once, after its runs)
@@ -43,13 +56,6 @@ step_retry_policy = RetryPolicy(
     backoff=Backoff.EXPONENTIAL,
     jitter=Jitter.PLUS_MINUS,
 )
-
-RAW = AssetKey([KEY_PREFIX, "raw_responses"])
-ITEM_STATISTICS = AssetKey([KEY_PREFIX, "item_statistics"])
-SALES_TREND = AssetKey([KEY_PREFIX, "sales_trend_daily"])
-PRICE_TREND = AssetKey([KEY_PREFIX, "price_trend_daily"])
-KPIS = AssetKey([KEY_PREFIX, "item_kpis"])
-
 
 @contextmanager
 def retry_only_transient():
@@ -68,21 +74,25 @@ def short_list(values, limit: int = 20) -> str:
     return ", ".join(values[:limit]) + (f" … (+{len(values) - limit})" if len(values) > limit else "")
 
 
-@asset(
-    key=RAW,
+@multi_asset(
+    specs=[AssetSpec(
+        RAW, partitions_def=watched_items, kinds={"duckdb", "api"},
+        description="Every TMAPI sales-statistics response, verbatim and append-only (table tmapi.raw_responses). "
+        "Items fetched successfully within the freshness window are skipped unless the run has tag tmapi/force=true.",
+    )],
+    check_specs=[RAW_ITEMS_LANDED],
+    can_subset=True,  # the check alone (from the UI) makes no call
     partitions_def=watched_items,
     backfill_policy=backfill_policy,
     pool=API_POOL,
     # Single calls are retried inside the client (per item); this policy covers whole-step faults such as a
     # DuckDB file locked by another process. Halts (quota, credentials) raise Failure(allow_retries=False).
     retry_policy=step_retry_policy,
-    description="Every TMAPI sales-statistics response, verbatim and append-only (table tmapi.raw_responses). "
-    "Items fetched successfully within the freshness window are skipped unless the run has tag tmapi/force=true.",
-    kinds={"duckdb", "api"},
 )
-def raw_responses(
-    context: AssetExecutionContext, tmapi_api: TmapiApiResource, warehouse: WarehouseResource
-) -> MaterializeResult:
+def raw_responses(context: AssetExecutionContext, tmapi_api: TmapiApiResource, warehouse: WarehouseResource):
+    if RAW not in context.selected_asset_keys:
+        yield raw_items_landed(items_of(context.partition_keys), warehouse, tmapi_api)
+        return
     items = items_of(context.partition_keys)
     force = context.run.tags.get(FORCE_TAG, "").lower() in ("1", "true", "yes")
     with retry_only_transient():
@@ -120,7 +130,9 @@ def raw_responses(
         first_error = next(iter(summary.failed.values()))
         raise Failure(description=f"none of the {len(items)} item(s) landed; first error: {first_error}",
                       metadata=metadata, allow_retries=False)
-    return MaterializeResult(metadata=metadata)
+    yield MaterializeResult(asset_key=RAW, metadata=metadata)
+    if RAW_ITEMS_LANDED.key in context.selected_asset_check_keys:
+        yield raw_items_landed(items, warehouse, tmapi_api)
 
 
 @multi_asset(
@@ -131,39 +143,49 @@ def raw_responses(
                   description="Daily pieces and orders per item, upserted by (item, spec, date): history grows."),
         AssetSpec(PRICE_TREND, deps=[RAW], partitions_def=watched_items, kinds={"duckdb"},
                   description="Daily min/max price (DECIMAL) per item, upserted by (item, spec, date)."),
+        AssetSpec(KPIS, deps=[ITEM_STATISTICS, SALES_TREND, PRICE_TREND], partitions_def=watched_items,
+                  kinds={"duckdb"},
+                  description="Per-item KPIs computed in SQL (tmapi_assets/warehouse/kpis.sql) over all stored history."),
     ],
+    check_specs=[SUM30_MATCHES, PRICE_MIN_NOT_ABOVE_MAX],
+    can_subset=True,  # each table, the KPIs or a check can be materialised (or run) alone
     partitions_def=watched_items,
     backfill_policy=backfill_policy,
     retry_policy=step_retry_policy,
 )
 def normalised_tables(context: AssetExecutionContext, warehouse: WarehouseResource):
-    """Parse the newest successful stored response of each item (never calls the API)."""
+    """Parse the newest successful stored response of each item (never calls the API), check the tables, then
+    recompute the items' KPIs. One step, not three: each step costs a run ~0.1 s of Dagster bookkeeping, and the final
+    run of a refresh spends it after its last API call."""
     items = items_of(context.partition_keys)
+    selected = context.selected_asset_keys
+    tables = [key for key in (ITEM_STATISTICS, SALES_TREND, PRICE_TREND) if key in selected]
+    if tables:
+        with retry_only_transient():
+            summary = pipeline.normalise_items(warehouse.warehouse(), items)
+        for error in list(summary.parse_errors.values())[:50]:
+            context.log.error(error)
+        if summary.missing:
+            context.log.warning(f"no successful response stored yet for {len(summary.missing)} items: "
+                                f"{short_list(summary.missing)}")
+        common = {"items": summary.items, "missing": len(summary.missing), "parse_errors": len(summary.parse_errors)}
+        rows = {ITEM_STATISTICS: {"no_data": len(summary.no_data)},
+                SALES_TREND: {"rows_upserted": summary.sales_rows}, PRICE_TREND: {"rows_upserted": summary.price_rows}}
+        for key in tables:
+            yield MaterializeResult(asset_key=key, metadata={**common, **rows[key]})
+    checks = context.selected_asset_check_keys
     with retry_only_transient():
-        summary = pipeline.normalise_items(warehouse.warehouse(), items)
-    for error in list(summary.parse_errors.values())[:50]:
-        context.log.error(error)
-    if summary.missing:
-        context.log.warning(f"no successful response stored yet for {len(summary.missing)} items: "
-                            f"{short_list(summary.missing)}")
-    common = {"items": summary.items, "missing": len(summary.missing), "parse_errors": len(summary.parse_errors)}
-    yield MaterializeResult(asset_key=ITEM_STATISTICS, metadata={**common, "no_data": len(summary.no_data)})
-    yield MaterializeResult(asset_key=SALES_TREND, metadata={**common, "rows_upserted": summary.sales_rows})
-    yield MaterializeResult(asset_key=PRICE_TREND, metadata={**common, "rows_upserted": summary.price_rows})
+        if SUM30_MATCHES.key in checks:
+            yield sum30_matches(items, warehouse)
+        if PRICE_MIN_NOT_ABOVE_MAX.key in checks:
+            yield price_min_not_above_max(items, warehouse)
+    if KPIS in selected:
+        yield _item_kpis(context, items, warehouse)
 
 
-@asset(
-    key=KPIS,
-    deps=[ITEM_STATISTICS, SALES_TREND, PRICE_TREND],
-    partitions_def=watched_items,
-    backfill_policy=backfill_policy,
-    retry_policy=step_retry_policy,
-    description="Per-item KPIs computed in SQL (tmapi_assets/warehouse/kpis.sql) over all stored history.",
-    kinds={"duckdb"},
-)
-def item_kpis(context: AssetExecutionContext, warehouse: WarehouseResource) -> MaterializeResult:
+def _item_kpis(context: AssetExecutionContext, items, warehouse: WarehouseResource) -> MaterializeResult:
     with retry_only_transient():
-        count = warehouse.warehouse().refresh_kpis(items_of(context.partition_keys))
+        count = warehouse.warehouse().refresh_kpis(items)
         read_copy = config.read_copy_path()
         if context.run.tags.get(PUBLISH_TAG, "").lower() == "false":
             read_copy_state = "published by the CLI refresh after its last run"
@@ -172,5 +194,4 @@ def item_kpis(context: AssetExecutionContext, warehouse: WarehouseResource) -> M
             read_copy_state = str(read_copy)
         else:
             read_copy_state = "disabled"
-    return MaterializeResult(metadata={"items": count, "read_copy": read_copy_state})
-
+    return MaterializeResult(asset_key=KPIS, metadata={"items": count, "read_copy": read_copy_state})

@@ -1,23 +1,16 @@
 """Asset checks, scoped to the partitions of the run that materialised the asset.
 
-The three checks are one op (one step per run): as three steps, each cost a run ~0.1 s of Dagster bookkeeping (step
-and check events, resources), and the final run of a refresh waited for them after its last API call. They can
-still be executed one at a time from the UI (can_subset)."""
+They are evaluated inside the steps that write what they check (check_specs of the assets in assets.py):
+raw_items_landed in the raw step, the other two in the normalising step. As steps of their own, each cost a run
+~0.1 s of Dagster bookkeeping (step and check events, resources), and the final run of a refresh waited for them
+after its last API call. Each can still be executed alone from the UI (the assets can be subset)."""
 
 
 from datetime import datetime, timedelta, timezone
 
-from dagster import (
-    AssetCheckExecutionContext,
-    AssetCheckResult,
-    AssetCheckSeverity,
-    AssetCheckSpec,
-    MetadataValue,
-    multi_asset_check,
-)
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
 
-from tmapi_assets.defs.assets import ITEM_STATISTICS, PRICE_TREND, RAW
-from tmapi_assets.defs.partitions import items_of
+from tmapi_assets.defs.partitions import ITEM_STATISTICS, PRICE_TREND, RAW
 from tmapi_assets.defs.resources import TmapiApiResource, WarehouseResource
 
 RAW_ITEMS_LANDED = AssetCheckSpec(
@@ -31,23 +24,7 @@ PRICE_MIN_NOT_ABOVE_MAX = AssetCheckSpec(
     "price_min_not_above_max", asset=PRICE_TREND, description="price_min ≤ price_max on every stored day.")
 
 
-def _scope(context: AssetCheckExecutionContext):
-    return items_of(context.partition_keys) if context.has_partition_key_range or context.has_partition_key else None
-
-
-@multi_asset_check(specs=[RAW_ITEMS_LANDED, SUM30_MATCHES, PRICE_MIN_NOT_ABOVE_MAX], can_subset=True)
-def data_checks(context: AssetCheckExecutionContext, warehouse: WarehouseResource, tmapi_api: TmapiApiResource):
-    selected = context.selected_asset_check_keys
-    scope = _scope(context)
-    if RAW_ITEMS_LANDED.key in selected:
-        yield _raw_items_landed(scope or [], warehouse, tmapi_api)
-    if SUM30_MATCHES.key in selected:
-        yield _sum30_matches(scope, warehouse)
-    if PRICE_MIN_NOT_ABOVE_MAX.key in selected:
-        yield _price_min_not_above_max(scope, warehouse)
-
-
-def _raw_items_landed(items, warehouse: WarehouseResource, tmapi_api: TmapiApiResource) -> AssetCheckResult:
+def raw_items_landed(items, warehouse: WarehouseResource, tmapi_api: TmapiApiResource) -> AssetCheckResult:
     since = datetime.now(timezone.utc) - timedelta(hours=max(tmapi_api.fresh_within_hours, 1.0))
     landed = warehouse.warehouse().fetched_since(items, since)
     missing = [str(i) for i in items if i not in landed]
@@ -60,7 +37,7 @@ def _raw_items_landed(items, warehouse: WarehouseResource, tmapi_api: TmapiApiRe
     )
 
 
-def _sum30_matches(scope, warehouse: WarehouseResource) -> AssetCheckResult:
+def sum30_matches(scope, warehouse: WarehouseResource) -> AssetCheckResult:
     mismatches = warehouse.warehouse().sum30_mismatches(scope)
     return AssetCheckResult(
         check_name=SUM30_MATCHES.name, asset_key=ITEM_STATISTICS,
@@ -71,7 +48,7 @@ def _sum30_matches(scope, warehouse: WarehouseResource) -> AssetCheckResult:
     )
 
 
-def _price_min_not_above_max(scope, warehouse: WarehouseResource) -> AssetCheckResult:
+def price_min_not_above_max(scope, warehouse: WarehouseResource) -> AssetCheckResult:
     violations = warehouse.warehouse().price_order_violations(scope)
     return AssetCheckResult(
         check_name=PRICE_MIN_NOT_ABOVE_MAX.name, asset_key=PRICE_TREND,
