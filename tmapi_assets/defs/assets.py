@@ -44,7 +44,7 @@ from tmapi_assets.errors import TmapiError, WarehouseLockedError
 
 API_POOL = "tmapi_api"
 FORCE_TAG = "tmapi/force"  # set to "true" on a run (UI launchpad or `refresh --force`) to skip the freshness check
-# "false" on a run: its KPI step leaves the read copy alone (`tmapi-assets refresh` publishes once, after its runs)
+# "false" on a run: its KPIs leave the read copy alone (`tmapi-assets refresh` publishes once, after its runs)
 PUBLISH_TAG = "tmapi/publish_read_copy"
 PARTITIONS_PER_RUN = config.env_int("TMAPI_PARTITIONS_PER_RUN", 200)
 
