@@ -90,10 +90,10 @@ def short_list(values, limit: int = 20) -> str:
     retry_policy=step_retry_policy,
 )
 def raw_responses(context: AssetExecutionContext, tmapi_api: TmapiApiResource, warehouse: WarehouseResource):
-    if RAW not in context.selected_asset_keys:
-        yield raw_items_landed(items_of(context.partition_keys), warehouse, tmapi_api)
-        return
     items = items_of(context.partition_keys)
+    if RAW not in context.selected_asset_keys:
+        yield raw_items_landed(items, warehouse, tmapi_api)
+        return
     force = context.run.tags.get(FORCE_TAG, "").lower() in ("1", "true", "yes")
     with retry_only_transient():
         summary = pipeline.fetch_items(
