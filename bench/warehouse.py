@@ -11,6 +11,11 @@
 (ii) KPIs: sales_trend_daily and price_trend_daily filled in SQL with R items x D days; `Warehouse.refresh_kpis()`
     (all items) against one plain `SELECT item_id, spec_id, sum(sales_quantity), count(*) ... GROUP BY ALL` over
     the sales table. Each is run 3 times; medians are compared.
+(iii) Ledger (`--only ledger`, not in the default run; not a target itself, it explains the rss-scan one): the
+    project's `Warehouse.record_attempts` appends batches of synthetic answers to an empty raw_responses, as the
+    runs' ledger flushes do, up to --ledger-rows rows, and reports the peak RSS increase of each append by how many
+    rows were stored before it; then the same with DuckDB's row-group vacuum off (`SET GLOBAL max_vacuum_tasks = 0`)
+    in the same run, with the row groups and file size each way left behind.
 Targets: normalise + upsert <= 2x the plain bulk insert; KPI recompute <= 2x the plain scan.
 """
 
@@ -242,7 +247,69 @@ def bench_history(tmp: Path, items: int, answers: int) -> dict:
     return {"items": items, "answers": answers, **results}
 
 
-def report(load: dict | None, kpis: dict | None, history: dict | None = None) -> tuple[str, str]:
+def bench_ledger(tmp: Path, rows: int, batch: int) -> dict:
+    """Peak RSS increase of each ledger append (Warehouse.record_attempts of `batch` answers) as raw_responses grows
+    to `rows` rows, with DuckDB's defaults and with its vacuum off. The bodies of a batch are made before its append
+    (outside the measured window) and dropped after it, so the process holds one batch at a time."""
+    import threading
+
+    results = {}
+    for name, setting in (("default", None), ("vacuum off", "SET GLOBAL max_vacuum_tasks = 0")):
+        warehouse = Warehouse(tmp / f"ledger-{name.replace(' ', '-')}.duckdb")
+        warehouse.ensure_schema()
+        if setting:  # instance-wide: every later session of this process's shared DuckDB instance
+            with warehouse.connect() as conn:
+                conn.execute(setting)
+        peak, done = [0.0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss_mb())
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        appends = []  # (rows stored before, peak RSS increase MB, seconds)
+        now = datetime.now(timezone.utc)
+        log(f"ledger ({name}): appending {rows} answers in batches of {batch}")
+        try:
+            for start, key_batch in enumerate(_chunks(item_keys(rows), batch)):
+                attempts = [Attempt(item=WatchedItem(int(k)), attempt=1, fetched_at=now, elapsed_ms=200.0,
+                                    http_status=200, api_code=200, outcome=Outcome.SUCCESS,
+                                    body=_fresh_body(k), request_url="http://127.0.0.1/", message="success")
+                            for k in key_batch]
+                before = _rss_mb()
+                peak[0] = before
+                t = time.perf_counter()
+                warehouse.record_attempts(attempts, "bench-ledger")
+                appends.append((start * batch, peak[0] - before, time.perf_counter() - t))
+        finally:
+            done.set()
+            sampler.join()
+            if setting:
+                with warehouse.connect() as conn:
+                    conn.execute("RESET GLOBAL max_vacuum_tasks")
+        row_groups = warehouse.records(
+            "SELECT count(DISTINCT row_group_id) AS n FROM pragma_storage_info('tmapi.raw_responses')")[0]["n"]
+        results[name] = {"appends": appends, "row_groups": row_groups,
+                         "file_mb": warehouse.path.stat().st_size / 2**20}
+        worst = max(appends[1:], key=lambda a: a[1])  # (the first append also loads pandas and DuckDB's JSON)
+        log(f"ledger ({name}): worst append +{worst[1]:.0f} MB after {worst[0]} rows; {row_groups} row groups")
+    return {"rows": rows, "batch": batch, **results}
+
+
+def _chunks(values: list, size: int):
+    for i in range(0, len(values), size):
+        yield values[i : i + size]
+
+
+def _fresh_body(key: str) -> bytes:
+    # success_body keeps its last 8,192 bodies (lru_cache): the bench would hold tens of MB it does not measure.
+    return success_body.__wrapped__(key, "", WINDOW_END)
+
+
+def report(load: dict | None, kpis: dict | None, history: dict | None = None,
+           ledger: dict | None = None) -> tuple[str, str]:
     """(text, markdown)"""
     lines, md = [], []
     if history:
@@ -316,6 +383,28 @@ def report(load: dict | None, kpis: dict | None, history: dict | None = None) ->
             f"`refresh_kpis` includes opening a Warehouse connection (ATTACH; fixed cost {kpis['connect_s']:.3f} s).",
             "",
         ]
+    if ledger:
+        n, buckets = ledger["rows"], 5
+        bounds = [round(n * k / buckets) for k in range(buckets + 1)]
+        header = " | ".join(f"{bounds[k]}-{bounds[k + 1]}" for k in range(buckets))
+        lines.append(f"ledger appends of {ledger['batch']} answers to raw_responses, worst peak RSS increase by rows "
+                     f"stored before the append (the first append, which loads modules, left out):")
+        md += [f"Ledger: `Warehouse.record_attempts` of {ledger['batch']} answers at a time into an empty "
+               f"raw_responses until it holds {n} rows; the worst peak RSS increase of one append (MB) and the "
+               "slowest append (s), by rows stored before it; DuckDB defaults vs its row-group vacuum off, same run "
+               "(not a target: it shows where the rss-scan growth comes from).", "",
+               f"| DuckDB | {header} | row groups | file MB |", "|---|" + "---|" * (buckets + 2)]
+        for name in ("default", "vacuum off"):
+            r = ledger[name]
+            worst, slowest = [], []
+            for k in range(buckets):
+                part = [a for a in r["appends"][1:] if bounds[k] <= a[0] < bounds[k + 1]]
+                worst.append(max((a[1] for a in part), default=0.0))
+                slowest.append(max((a[2] for a in part), default=0.0))
+            cells = " | ".join(f"+{w:.0f} MB, {t:.2f} s" for w, t in zip(worst, slowest))
+            lines.append(f"  {name:<11} {cells}; {r['row_groups']} row groups, file {r['file_mb']:.0f} MB")
+            md.append(f"| {name} | {cells} | {r['row_groups']} | {r['file_mb']:.0f} |")
+        md.append("")
     targets = []
     if load:
         r = load["normalise_s"] / load["plain_insert_s"]
@@ -335,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--responses", type=int, default=10_000, help="stored responses = KPI items (default 10000)")
     p.add_argument("--days", type=int, default=365, help="days of history per item for the KPI bench (365)")
     p.add_argument("--quick", action="store_true", help="1000 responses, 90 days")
-    p.add_argument("--only", choices=["load", "kpis", "history"], default=None)
+    p.add_argument("--only", choices=["load", "kpis", "history", "ledger"], default=None,
+                   help="one part (ledger runs only when named)")
+    p.add_argument("--ledger-rows", type=int, default=70_000, help="ledger part: rows appended (default 70000)")
+    p.add_argument("--ledger-batch", type=int, default=1000, help="ledger part: answers per append (default 1000)")
     p.add_argument("--history-answers", type=int, default=100,
                    help="stored answers per item for the history part (default 100, 200 items)")
     p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
@@ -350,10 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         load = bench_load(tmp, args.responses) if args.only in (None, "load") else None
         kpis = bench_kpis(tmp, args.responses, args.days) if args.only in (None, "kpis") else None
         history = bench_history(tmp, 200, args.history_answers) if args.only in (None, "history") else None
+        ledger = bench_ledger(tmp, args.ledger_rows, args.ledger_batch) if args.only == "ledger" else None
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    text, md = report(load, kpis, history)
+    text, md = report(load, kpis, history, ledger)
     print("\n" + "=" * 100 + "\nwarehouse benchmark\n" + text, flush=True)
     md_section = f"### Warehouse (`bench.warehouse`)\n\n{md}"
     if args.markdown_out:
