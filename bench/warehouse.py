@@ -273,7 +273,7 @@ def bench_ledger(tmp: Path, rows: int, batch: int) -> dict:
         now = datetime.now(timezone.utc)
         log(f"ledger ({name}): appending {rows} answers in batches of {batch}")
         try:
-            for start, key_batch in enumerate(_chunks(item_keys(rows), batch)):
+            for index, key_batch in enumerate(_chunks(item_keys(rows), batch)):
                 attempts = [Attempt(item=WatchedItem(int(k)), attempt=1, fetched_at=now, elapsed_ms=200.0,
                                     http_status=200, api_code=200, outcome=Outcome.SUCCESS,
                                     body=_fresh_body(k), request_url="http://127.0.0.1/", message="success")
@@ -282,7 +282,7 @@ def bench_ledger(tmp: Path, rows: int, batch: int) -> dict:
                 peak[0] = before
                 t = time.perf_counter()
                 warehouse.record_attempts(attempts, "bench-ledger")
-                appends.append((start * batch, peak[0] - before, time.perf_counter() - t))
+                appends.append((index * batch, peak[0] - before, time.perf_counter() - t))
         finally:
             done.set()
             sampler.join()
