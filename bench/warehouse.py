@@ -251,8 +251,6 @@ def bench_ledger(tmp: Path, rows: int, batch: int) -> dict:
     """Peak RSS increase of each ledger append (Warehouse.record_attempts of `batch` answers) as raw_responses grows
     to `rows` rows, with DuckDB's defaults and with its vacuum off. The bodies of a batch are made before its append
     (outside the measured window) and dropped after it, so the process holds one batch at a time."""
-    import threading
-
     results = {}
     for name, setting in (("default", None), ("vacuum off", "SET GLOBAL max_vacuum_tasks = 0")):
         warehouse = Warehouse(tmp / f"ledger-{name.replace(' ', '-')}.duckdb")
@@ -260,15 +258,6 @@ def bench_ledger(tmp: Path, rows: int, batch: int) -> dict:
         if setting:  # instance-wide: every later session of this process's shared DuckDB instance
             with warehouse.connect() as conn:
                 conn.execute(setting)
-        peak, done = [0.0], threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], _rss_mb())
-                time.sleep(0.001)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
         appends = []  # (rows stored before, peak RSS increase MB, seconds)
         now = datetime.now(timezone.utc)
         log(f"ledger ({name}): appending {rows} answers in batches of {batch}")
@@ -278,14 +267,9 @@ def bench_ledger(tmp: Path, rows: int, batch: int) -> dict:
                                     http_status=200, api_code=200, outcome=Outcome.SUCCESS,
                                     body=_fresh_body(k), request_url="http://127.0.0.1/", message="success")
                             for k in key_batch]
-                before = _rss_mb()
-                peak[0] = before
-                t = time.perf_counter()
-                warehouse.record_attempts(attempts, "bench-ledger")
-                appends.append((index * batch, peak[0] - before, time.perf_counter() - t))
+                seconds, rss, _ = _peak_rss_during(lambda: warehouse.record_attempts(attempts, "bench-ledger"))
+                appends.append((index * batch, rss, seconds))
         finally:
-            done.set()
-            sampler.join()
             if setting:
                 with warehouse.connect() as conn:
                     conn.execute("RESET GLOBAL max_vacuum_tasks")
