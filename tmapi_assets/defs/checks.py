@@ -29,7 +29,7 @@ def raw_items_landed(items, warehouse: WarehouseResource, tmapi_api: TmapiApiRes
     landed = warehouse.warehouse().fetched_since(items, since)
     missing = [str(i) for i in items if i not in landed]
     return AssetCheckResult(
-        check_name=RAW_ITEMS_LANDED.name, asset_key=RAW,
+        check_name=RAW_ITEMS_LANDED.name, asset_key=RAW_ITEMS_LANDED.asset_key,
         passed=not missing,
         severity=AssetCheckSeverity.ERROR,
         metadata={"items": len(items), "missing": len(missing), "missing_items": MetadataValue.text(", ".join(missing[:50]))},
@@ -40,7 +40,7 @@ def raw_items_landed(items, warehouse: WarehouseResource, tmapi_api: TmapiApiRes
 def sum30_matches(scope, warehouse: WarehouseResource) -> AssetCheckResult:
     mismatches = warehouse.warehouse().sum30_mismatches(scope)
     return AssetCheckResult(
-        check_name=SUM30_MATCHES.name, asset_key=ITEM_STATISTICS,
+        check_name=SUM30_MATCHES.name, asset_key=SUM30_MATCHES.asset_key,
         passed=mismatches.empty,
         severity=AssetCheckSeverity.WARN,
         metadata={"mismatched_items": len(mismatches), "sample": MetadataValue.md(mismatches.head(20).to_markdown())
@@ -51,7 +51,7 @@ def sum30_matches(scope, warehouse: WarehouseResource) -> AssetCheckResult:
 def price_min_not_above_max(scope, warehouse: WarehouseResource) -> AssetCheckResult:
     violations = warehouse.warehouse().price_order_violations(scope)
     return AssetCheckResult(
-        check_name=PRICE_MIN_NOT_ABOVE_MAX.name, asset_key=PRICE_TREND,
+        check_name=PRICE_MIN_NOT_ABOVE_MAX.name, asset_key=PRICE_MIN_NOT_ABOVE_MAX.asset_key,
         passed=violations.empty,
         severity=AssetCheckSeverity.ERROR,
         metadata={"violating_days": len(violations), "sample": MetadataValue.md(violations.head(20).to_markdown())
