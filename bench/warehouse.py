@@ -14,8 +14,9 @@
 (iii) Ledger (`--only ledger`, not in the default run; not a target itself, it explains the rss-scan one): the
     project's `Warehouse.record_attempts` appends batches of synthetic answers to an empty raw_responses, as the
     runs' ledger flushes do, up to --ledger-rows rows, and reports the peak RSS increase of each append by how many
-    rows were stored before it; then the same with DuckDB's row-group vacuum off (`SET GLOBAL max_vacuum_tasks = 0`)
-    in the same run, with the row groups and file size each way left behind.
+    rows were stored before it, three ways in the same run: the project's row groups (warehouse.ROW_GROUP_ROWS),
+    DuckDB's default row groups (122,880 rows), and DuckDB's default with its row-group vacuum off
+    (`SET GLOBAL max_vacuum_tasks = 0`), with the row groups and file size each way left behind.
 Targets: normalise + upsert <= 2x the plain bulk insert; KPI recompute <= 2x the plain scan.
 """
 
@@ -39,7 +40,7 @@ from tmapi_assets.client import Attempt
 from tmapi_assets.errors import Outcome
 from tmapi_assets.ids import WatchedItem
 from tmapi_assets.sandbox.app import success_body
-from tmapi_assets.warehouse import Warehouse
+from tmapi_assets.warehouse import ROW_GROUP_ROWS, Warehouse
 
 SCHEMA_SQL = Path(sys.modules["tmapi_assets.warehouse"].__file__).with_name("schema.sql")
 WINDOW_END = date(2025, 7, 23)  # fixed: the same bodies every run
@@ -247,13 +248,21 @@ def bench_history(tmp: Path, items: int, answers: int) -> dict:
     return {"items": items, "answers": answers, **results}
 
 
+# (name, rows per row group, DuckDB setting for the variant)
+LEDGER_VARIANTS = (
+    (f"project ({ROW_GROUP_ROWS})", ROW_GROUP_ROWS, None),
+    ("DuckDB (122880)", 122_880, None),
+    ("vacuum off (122880)", 122_880, "SET GLOBAL max_vacuum_tasks = 0"),
+)
+
+
 def bench_ledger(tmp: Path, rows: int, batch: int) -> dict:
     """Peak RSS increase of each ledger append (Warehouse.record_attempts of `batch` answers) as raw_responses grows
-    to `rows` rows, with DuckDB's defaults and with its vacuum off. The bodies of a batch are made before its append
+    to `rows` rows, three ways (LEDGER_VARIANTS). The bodies of a batch are made before its append
     (outside the measured window) and dropped after it, so the process holds one batch at a time."""
     results = {}
-    for name, setting in (("default", None), ("vacuum off", "SET GLOBAL max_vacuum_tasks = 0")):
-        warehouse = Warehouse(tmp / f"ledger-{name.replace(' ', '-')}.duckdb")
+    for name, row_group_rows, setting in LEDGER_VARIANTS:
+        warehouse = Warehouse(tmp / f"ledger-{name.split()[0]}.duckdb", row_group_rows=row_group_rows)
         warehouse.ensure_schema()
         if setting:  # instance-wide: every later session of this process's shared DuckDB instance
             with warehouse.connect() as conn:
@@ -375,10 +384,11 @@ def report(load: dict | None, kpis: dict | None, history: dict | None = None,
                      f"stored before the append (the first append, which loads modules, left out):")
         md += [f"Ledger: `Warehouse.record_attempts` of {ledger['batch']} answers at a time into an empty "
                f"raw_responses until it holds {n} rows; the worst peak RSS increase of one append (MB) and the "
-               "slowest append (s), by rows stored before it; DuckDB defaults vs its row-group vacuum off, same run "
-               "(not a target: it shows where the rss-scan growth comes from).", "",
-               f"| DuckDB | {header} | row groups | file MB |", "|---|" + "---|" * (buckets + 2)]
-        for name in ("default", "vacuum off"):
+               "slowest append (s), by rows stored before it; the project's row groups vs DuckDB's default ones, "
+               "and DuckDB's default with its row-group vacuum off, same run (not a target: it shows where the "
+               "rss-scan growth came from).", "",
+               f"| rows per row group | {header} | row groups | file MB |", "|---|" + "---|" * (buckets + 2)]
+        for name, _, _ in LEDGER_VARIANTS:
             r = ledger[name]
             worst, slowest = [], []
             for k in range(buckets):
@@ -386,7 +396,7 @@ def report(load: dict | None, kpis: dict | None, history: dict | None = None,
                 worst.append(max((a[1] for a in part), default=0.0))
                 slowest.append(max((a[2] for a in part), default=0.0))
             cells = " | ".join(f"+{w:.0f} MB, {t:.2f} s" for w, t in zip(worst, slowest))
-            lines.append(f"  {name:<11} {cells}; {r['row_groups']} row groups, file {r['file_mb']:.0f} MB")
+            lines.append(f"  {name:<20} {cells}; {r['row_groups']} row groups, file {r['file_mb']:.0f} MB")
             md.append(f"| {name} | {cells} | {r['row_groups']} | {r['file_mb']:.0f} |")
         md.append("")
     targets = []

@@ -13,7 +13,7 @@ from tmapi_assets import pipeline
 from tmapi_assets.client import Attempt
 from tmapi_assets.errors import Outcome, WarehouseError, WarehouseLockedError
 from tmapi_assets.ids import WatchedItem
-from tmapi_assets.warehouse import Warehouse
+from tmapi_assets.warehouse import ROW_GROUP_ROWS, Warehouse
 
 FIXTURE = Path(__file__).parent / "fixtures" / "doc_example_full.json"
 DOC_ITEM = WatchedItem(652702302959)
@@ -283,6 +283,25 @@ def test_each_unit_of_work_releases_the_file_checkpointed(warehouse):
             raise RuntimeError("boom")
     assert _other_process_reads(warehouse.path, "SELECT count(*) FROM tmapi.tmapi.raw_responses") == "[(1,)]"
     assert warehouse.table_counts()["raw_responses"] == 1
+
+
+def test_ledger_row_groups_stay_small_so_a_checkpoint_never_rebuilds_many_bodies_in_memory(tmp_path):
+    """Each ledger flush leaves a small row group and checkpoints merge them: into groups of ROW_GROUP_ROWS (which
+    bounds the memory a merge takes, docs/benchmarks.md), not DuckDB's default of 122,880 rows."""
+    def row_groups_after_appends(warehouse: Warehouse) -> list[int]:
+        for batch in range(16):
+            warehouse.record_attempts(
+                [attempt(WatchedItem(1 + batch * 1000 + k), b'{"code": 200, "data": null}') for k in range(1000)],
+                f"run-{batch}")
+        return [r["n"] for r in warehouse.records(
+            "SELECT row_group_id, max(count) AS n FROM pragma_storage_info('tmapi.raw_responses') "
+            "WHERE column_name = 'body' GROUP BY ALL ORDER BY ALL")]
+
+    project = row_groups_after_appends(Warehouse(tmp_path / "project.duckdb", lock_timeout_s=2))
+    assert sum(project) == 16_000 and max(project) <= ROW_GROUP_ROWS
+    assert len(project) < 16  # (the small groups are still merged, up to that size)
+    duckdb_default = row_groups_after_appends(Warehouse(tmp_path / "default.duckdb", row_group_rows=122_880))
+    assert max(duckdb_default) > ROW_GROUP_ROWS  # what the setting prevents
 
 
 def test_units_of_work_on_two_files_at_once_and_a_publish_do_not_meet(tmp_path):

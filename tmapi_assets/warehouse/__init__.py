@@ -50,6 +50,14 @@ TABLES = (
     "item_kpis",
 )
 _SUCCESS_OUTCOMES = (Outcome.SUCCESS.value, Outcome.NO_DATA.value)
+# Rows per row group of every table this project writes (DuckDB's default: 122,880). Each write leaves a small row
+# group (a ledger flush: one per run); a later checkpoint (every DETACH) merges them into groups of this size,
+# building each merged group in memory. At the default that meant every stored answer body of up to 122,880 rows:
+# a checkpoint took +400 MB once raw_responses held ~60,000 answers (a week of a 10,000-item watch list). At 8,192
+# the worst is ~+60 MB at any size, and the normalise and KPI benchmarks do not move (docs/benchmarks.md). DuckDB
+# does not store the size in the file: it applies to the writes of the session that ATTACHes with it, so every
+# writing ATTACH here gives it. (Row groups written before are kept; only new and merged ones are this size.)
+ROW_GROUP_ROWS = 8192
 _LOCK_PID = re.compile(r"PID (\d+)")
 
 
@@ -376,9 +384,11 @@ def _int_array(values: list[int | None]) -> pd.arrays.IntegerArray:
 class Warehouse:
     """The DuckDB file the pipeline writes and everyone else reads."""
 
-    def __init__(self, path: str | os.PathLike[str], *, lock_timeout_s: float | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, lock_timeout_s: float | None = None,
+                 row_group_rows: int = ROW_GROUP_ROWS) -> None:
         self.path = Path(path)
         self.lock_timeout_s = config.duckdb_lock_timeout_s() if lock_timeout_s is None else lock_timeout_s
+        self.row_group_rows = row_group_rows  # (benchmarks compare DuckDB's default, 122,880)
         self._schema_ready = False
 
     # ------------------------------------------------------------------ connections
@@ -412,7 +422,8 @@ class Warehouse:
         while True:
             conn, alias = (duckdb.connect(), CATALOG) if own_instance else _shared_session()
             try:
-                conn.execute(f"ATTACH {_quote(str(self.path))} AS {alias}" + (" (READ_ONLY)" if read_only else ""))
+                options = "READ_ONLY" if read_only else f"ROW_GROUP_SIZE {int(self.row_group_rows)}"
+                conn.execute(f"ATTACH {_quote(str(self.path))} AS {alias} ({options})")
                 conn.execute(f"USE {alias}")
                 break
             except duckdb.IOException as exc:  # "Could not set lock on file ... (PID n)"
