@@ -38,17 +38,18 @@ price_marks AS (  -- one more pass: the prices at the newest and oldest dates, a
         arg_max(p.price_min, p.date) FILTER (WHERE p.date <= e.last_price_date - 7)  AS reference_7d,
         arg_max(p.price_min, p.date) FILTER (WHERE p.date <= e.last_price_date - 30) AS reference_30d,
         max(p.price_min) FILTER (WHERE p.date = e.first_price_date)                  AS oldest_price_min,
-        max(p.date) FILTER (WHERE p.price_min = e.lowest_price_min)                  AS lowest_price_date
+        max(p.date) FILTER (WHERE p.price_min = e.lowest_price_min)                  AS lowest_price_date,
+        any_value(e.lowest_price_min)                                                AS lowest_price_min
     FROM tmapi.price_trend_daily p JOIN price_end e USING (item_id, spec_id)
     WHERE p.price_min IS NOT NULL
     GROUP BY p.item_id, p.spec_id
 ),
 price_kpis AS (
-    SELECT m.item_id, m.spec_id, latest_price_min, latest_price_max,
+    SELECT item_id, spec_id, latest_price_min, latest_price_max,
            coalesce(reference_7d, oldest_price_min) AS reference_price_7d,
            coalesce(reference_30d, oldest_price_min) AS reference_price_30d,
-           e.lowest_price_min, m.lowest_price_date
-    FROM price_marks m JOIN price_end e USING (item_id, spec_id)
+           lowest_price_min, lowest_price_date
+    FROM price_marks
 )
 SELECT
     scope.item_id,
