@@ -51,10 +51,10 @@ TABLES = (
 )
 _SUCCESS_OUTCOMES = (Outcome.SUCCESS.value, Outcome.NO_DATA.value)
 # Rows per row group of every table this project writes (DuckDB's default: 122,880). Each write leaves a small row
-# group (a ledger flush: one per run); a later checkpoint (every DETACH) merges them into groups of this size,
+# group (each ledger flush: several per run); a later checkpoint (every DETACH) merges them into groups of this size,
 # building each merged group in memory. At the default that meant every stored answer body of up to 122,880 rows:
 # a checkpoint took +400 MB once raw_responses held ~60,000 answers (a week of a 10,000-item watch list). At 8,192
-# the worst is ~+60 MB at any size, and the normalise and KPI benchmarks do not move (docs/benchmarks.md). DuckDB
+# the worst is ~+60 MB (measured up to 160,000 answers), and the normalise and KPI benchmarks do not move. DuckDB
 # does not store the size in the file: it applies to the writes of the session that ATTACHes with it, so every
 # writing ATTACH here gives it. (Row groups written before are kept; only new and merged ones are this size.)
 ROW_GROUP_ROWS = 8192
