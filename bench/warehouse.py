@@ -421,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["load", "kpis", "history", "ledger"], default=None,
                    help="one part (ledger runs only when named)")
     p.add_argument("--ledger-rows", type=int, default=70_000, help="ledger part: rows appended (default 70000)")
-    p.add_argument("--ledger-batch", type=int, default=1000, help="ledger part: answers per append (default 1000)")
+    p.add_argument("--ledger-batch", type=int, default=200,
+                   help="ledger part: answers per append (default 200: a refresh's flush, pipeline.AttemptSink)")
     p.add_argument("--history-answers", type=int, default=100,
                    help="stored answers per item for the history part (default 100, 200 items)")
     p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
