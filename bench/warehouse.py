@@ -14,8 +14,8 @@
 (iii) Ledger (`--only ledger`, not in the default run; not a target itself, it explains the rss-scan one): the
     project's `Warehouse.record_attempts` appends batches of synthetic answers to an empty raw_responses, as the
     runs' ledger flushes do, up to --ledger-rows rows, and reports the peak RSS increase of each append by how many
-    rows were stored before it, three ways in the same run: the project's row groups (warehouse.ROW_GROUP_ROWS),
-    DuckDB's default row groups (122,880 rows), and DuckDB's default with its row-group vacuum off
+    rows were stored before it, four ways in the same run: the project's row groups (warehouse.ROW_GROUP_ROWS),
+    8,192-row ones, DuckDB's default row groups (122,880 rows), and DuckDB's default with its row-group vacuum off
     (`SET GLOBAL max_vacuum_tasks = 0`), with the row groups and file size each way left behind.
 Targets: normalise + upsert <= 2x the plain bulk insert; KPI recompute <= 2x the plain scan.
 """
@@ -251,6 +251,7 @@ def bench_history(tmp: Path, items: int, answers: int) -> dict:
 # (name, rows per row group, DuckDB setting for the variant)
 LEDGER_VARIANTS = (
     (f"project ({ROW_GROUP_ROWS})", ROW_GROUP_ROWS, None),
+    ("8192", 8192, None),  # (the size tried before ROW_GROUP_ROWS)
     ("DuckDB (122880)", 122_880, None),
     ("vacuum off (122880)", 122_880, "SET GLOBAL max_vacuum_tasks = 0"),
 )
@@ -258,7 +259,7 @@ LEDGER_VARIANTS = (
 
 def bench_ledger(tmp: Path, rows: int, batch: int) -> dict:
     """Peak RSS increase of each ledger append (Warehouse.record_attempts of `batch` answers) as raw_responses grows
-    to `rows` rows, three ways (LEDGER_VARIANTS). The bodies of a batch are made before its append
+    to `rows` rows, each way of LEDGER_VARIANTS. The bodies of a batch are made before its append
     (outside the measured window) and dropped after it, so the process holds one batch at a time."""
     results = {}
     for name, row_group_rows, setting in LEDGER_VARIANTS:
@@ -384,9 +385,9 @@ def report(load: dict | None, kpis: dict | None, history: dict | None = None,
                      f"stored before the append (the first append, which loads modules, left out):")
         md += [f"Ledger: `Warehouse.record_attempts` of {ledger['batch']} answers at a time into an empty "
                f"raw_responses until it holds {n} rows; the worst peak RSS increase of one append (MB) and the "
-               "slowest append (s), by rows stored before it; the project's row groups vs DuckDB's default ones, "
-               "and DuckDB's default with its row-group vacuum off, same run (not a target: it shows where the "
-               "rss-scan growth came from).", "",
+               "slowest append (s), by rows stored before it; the project's row groups vs 8,192-row and DuckDB's "
+               "default ones, and DuckDB's default with its row-group vacuum off, same run (not a target: it "
+               "shows where the rss-scan growth came from).", "",
                f"| rows per row group | {header} | row groups | file MB |", "|---|" + "---|" * (buckets + 2)]
         for name, _, _ in LEDGER_VARIANTS:
             r = ledger[name]

@@ -51,14 +51,15 @@ TABLES = (
 )
 _SUCCESS_OUTCOMES = (Outcome.SUCCESS.value, Outcome.NO_DATA.value)
 # Rows per row group of every table this project writes (DuckDB's default: 122,880). Each write leaves a small row
-# group (each ledger flush: several per run); a later checkpoint (every DETACH) merges them into groups of this size,
-# building each merged group in memory. At the default that meant every stored answer body of up to 122,880 rows:
-# a checkpoint took +400 MB once raw_responses held ~60,000 answers (a week of a 10,000-item watch list). At 8,192
-# a 200-answer flush stays at ~+150 MB (measured up to 70,000 answers) and the normalise and KPI benchmarks do not
-# move; 2,048 slowed normalise by a sixth and KPIs by half (docs/benchmarks.md). DuckDB does not store the size in
-# the file: it applies to the writes of the session that ATTACHes with it, so every ATTACH of the warehouse file for
-# writing gives it (the read copy is written whole, nothing to merge). Row groups written before are kept as they are.
-ROW_GROUP_ROWS = 8192
+# group (each ledger flush: several per run); a later checkpoint (every DETACH) merges them, in steps, into groups
+# of this size, building each merged group in memory. At the default that meant every stored answer body of up to
+# 122,880 rows: a 200-answer flush took +400 MB once raw_responses held ~60,000 answers (a week of a 10,000-item
+# watch list), and kept growing. At 4,096 it stays at ~+75 MB (~+145 MB at 8,192), which is what keeps a refresh's
+# peak memory from growing with the watch list; the price: a full KPI recompute ~25% slower than at 8,192
+# (docs/benchmarks.md). DuckDB does not store the size in the file: it applies to the writes of the session that
+# ATTACHes with it, so every ATTACH of the warehouse file for writing gives it (the read copy is written whole,
+# nothing to merge). Row groups written before are kept as they are.
+ROW_GROUP_ROWS = 4096
 _LOCK_PID = re.compile(r"PID (\d+)")
 
 
