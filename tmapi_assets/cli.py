@@ -245,6 +245,7 @@ def reparse() -> None:
 
     warehouse = Warehouse(config.duckdb_path())
     summary = pipeline.normalise_items(warehouse)
+    warehouse.rebuild_item_history()  # (loads keep it up to date; a rebuild recounts it from every stored row)
     kpis = warehouse.refresh_kpis()
     click.echo(
         f"reparsed {summary.items} item(s): {summary.sales_rows} sales rows, {summary.price_rows} price rows "

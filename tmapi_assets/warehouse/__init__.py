@@ -47,6 +47,7 @@ TABLES = (
     "item_statistics",
     "sales_trend_daily",
     "price_trend_daily",
+    "item_history",
     "item_kpis",
 )
 _SUCCESS_OUTCOMES = (Outcome.SUCCESS.value, Outcome.NO_DATA.value)
@@ -315,14 +316,17 @@ LEFT JOIN norm_display order_display ON n.order_total_type = 'VARCHAR' AND order
 """
 
 
-# The upsert, shared by both paths: a newer response wins per key. An UPDATE of the keys already stored, then a plain
-# INSERT of the others: in DuckDB this is faster than INSERT ... ON CONFLICT DO UPDATE, which probes the key index
-# row by row, whether the table is empty or every row conflicts.
+# The upsert, shared by both paths: a newer response wins per key. The source rows that win (no stored row, or one
+# fetched no later) are staged once with what was stored under their key; then an UPDATE of the keys already stored and
+# a plain INSERT of the others: in DuckDB this is faster than INSERT ... ON CONFLICT DO UPDATE, which probes the key
+# index row by row, whether the table is empty or every row conflicts. The staged rows (upserted_<table>) are what
+# the item_history upkeep reads.
 _UPSERT_KEYS = {
     "item_statistics": ("item_id", "spec_id"),
     "sales_trend_daily": ("item_id", "spec_id", "date"),
     "price_trend_daily": ("item_id", "spec_id", "date"),
 }
+_STORED_COLUMNS = {"price_trend_daily": ("price_min",)}  # kept as stored_<column> in upserted_<table>
 
 
 @contextmanager
@@ -337,35 +341,159 @@ def _transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
 
 
 def _upsert_responses(conn: duckdb.DuckDBPyConnection, statistics: str, sales: str, prices: str) -> None:
-    """Upsert parsed responses in one transaction, so readers see each response whole or not at all."""
+    """Upsert parsed responses, and keep item_history up to date, in one transaction, so readers see each response
+    whole or not at all."""
     with _transaction(conn):
         _upsert(conn, "item_statistics", statistics)
         _upsert(conn, "sales_trend_daily", sales)
         _upsert(conn, "price_trend_daily", prices)
+        _update_item_history(conn)
 
 
 def _upsert(conn: duckdb.DuckDBPyConnection, table: str, source: str) -> None:
-    """Upsert `source` (a relation with the table's columns; item_statistics: all but updated_at) into `table`."""
+    """Upsert `source` (a relation with the table's columns; item_statistics: all but updated_at) into `table`;
+    the rows written stay in temp table upserted_<table>, with is_new and the stored values of _STORED_COLUMNS."""
     keys = _UPSERT_KEYS[table]
     columns = [c for (c,) in conn.execute(
         "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() AND schema_name = ? "
         "AND table_name = ? ORDER BY column_index", [SCHEMA, table]).fetchall()]
     casts = {"publish_time": "CAST(s.publish_time AS TIMESTAMPTZ)", "updated_at": "now()",
              "price_min": "CAST(s.price_min AS DECIMAL(18, 4))", "price_max": "CAST(s.price_max AS DECIMAL(18, 4))"}
-    values = {c: casts.get(c, f"s.{c}") for c in columns}
-    match = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-    sets = ", ".join(f"{c} = {values[c]}" for c in columns if c not in keys)
-    conn.execute(f"UPDATE {SCHEMA}.{table} t SET {sets} FROM {source} s WHERE {match} AND s.fetched_at >= t.fetched_at")
-    # The stored keys are narrowed to the source's items before the anti join: DuckDB builds its hash table on the
+    values = ", ".join(f"{casts.get(c, f's.{c}')} AS {c}" for c in columns)
+    stored = "".join(f", t.{c} AS stored_{c}" for c in _STORED_COLUMNS.get(table, ()))
+    key_list = ", ".join(keys)
+    stored_list = ", ".join([*keys, "fetched_at", *_STORED_COLUMNS.get(table, ())])
+    staged = f"upserted_{table}"
+    # The stored keys are narrowed to the source's items before the join: DuckDB builds its hash table on the
     # stored side, and over the whole table it cost memory in proportion to the warehouse (+16 MB per run at 10,000
     # items), not to the rows loaded.
-    key_list = ", ".join(keys)
     conn.execute(
-        f"INSERT INTO {SCHEMA}.{table} ({', '.join(columns)}) SELECT {', '.join(values.values())} FROM {source} s "
-        f"ANTI JOIN (SELECT {key_list} FROM {SCHEMA}.{table} "
+        f"CREATE OR REPLACE TEMP TABLE {staged} AS "
+        f"SELECT {values}, t.fetched_at IS NULL AS is_new{stored} FROM {source} s "
+        f"LEFT JOIN (SELECT {stored_list} FROM {SCHEMA}.{table} "
         f"           SEMI JOIN (SELECT DISTINCT item_id, spec_id FROM {source}) USING (item_id, spec_id)) t "
-        f"USING ({key_list})"
+        f"USING ({key_list}) WHERE t.fetched_at IS NULL OR s.fetched_at >= t.fetched_at"
     )
+    match = " AND ".join(f"t.{k} = u.{k}" for k in keys)
+    sets = ", ".join(f"{c} = u.{c}" for c in columns if c not in keys)
+    if conn.execute(f"SELECT count(*) FILTER (WHERE NOT is_new) FROM {staged}").fetchall()[0][0]:
+        conn.execute(f"UPDATE {SCHEMA}.{table} t SET {sets} FROM {staged} u WHERE {match} AND NOT u.is_new")
+    conn.execute(f"INSERT INTO {SCHEMA}.{table} ({', '.join(columns)}) "
+                 f"SELECT {', '.join(columns)} FROM {staged} WHERE is_new")
+
+
+# item_history of the items in temp table history_scope, recounted from all their stored rows (of every item when
+# {scope} is empty): the rebuild, and the fallback of the upkeep below.
+_HISTORY_REBUILD_SQL = """
+INSERT OR REPLACE INTO tmapi.item_history
+WITH sales AS (
+    SELECT item_id, spec_id, count(*) AS sales_days, min(date) AS first_sales_date, max(date) AS last_sales_date
+    FROM tmapi.sales_trend_daily {scope} GROUP BY item_id, spec_id
+),
+prices AS (
+    SELECT item_id, spec_id, count(*) AS price_days, min(date) AS first_price_date, max(date) AS last_price_date,
+           min(price_min) AS lowest_price_min
+    FROM tmapi.price_trend_daily {scope} WHERE price_min IS NOT NULL GROUP BY item_id, spec_id
+),
+lowest AS (
+    SELECT p.item_id, p.spec_id, max(p.date) AS lowest_price_date
+    FROM tmapi.price_trend_daily p JOIN prices l
+      ON p.item_id = l.item_id AND p.spec_id = l.spec_id AND p.price_min = l.lowest_price_min
+    GROUP BY p.item_id, p.spec_id
+)
+SELECT item_id, spec_id, coalesce(sales_days, 0), first_sales_date, last_sales_date, coalesce(price_days, 0),
+       first_price_date, last_price_date, lowest_price_min, lowest_price_date
+FROM sales FULL JOIN prices USING (item_id, spec_id) LEFT JOIN lowest USING (item_id, spec_id)
+"""
+
+# The upkeep after an upsert, from the rows it wrote alone (upserted_*: O(rows loaded), not O(history)). Exact: rows
+# are never deleted, so counts grow by the new keys (prices: by the days that gained a price, less those that lost
+# one) and the date bounds widen. What a merge cannot know is what is left when a stored extreme is overwritten (the
+# lowest price's day raised or unpriced, the first or last priced day unpriced): those items go to history_scope and
+# are recounted from their rows (_HISTORY_REBUILD_SQL).
+_HISTORY_MERGE_SQL = """
+CREATE OR REPLACE TEMP TABLE history_scope AS
+SELECT DISTINCT p.item_id, p.spec_id
+FROM upserted_price_trend_daily p JOIN tmapi.item_history h USING (item_id, spec_id)
+WHERE p.stored_price_min IS NOT NULL
+  AND ((p.date = h.lowest_price_date AND (p.price_min IS NULL OR p.price_min > h.lowest_price_min))
+       OR (p.price_min IS NULL AND p.date IN (h.first_price_date, h.last_price_date)));
+
+INSERT OR REPLACE INTO tmapi.item_history
+WITH sales AS (
+    SELECT item_id, spec_id, count(*) FILTER (WHERE is_new) AS new_days, min(date) AS first_date,
+           max(date) AS last_date
+    FROM upserted_sales_trend_daily GROUP BY item_id, spec_id
+),
+prices AS (
+    SELECT item_id, spec_id,
+           count(*) FILTER (WHERE price_min IS NOT NULL AND stored_price_min IS NULL)
+             - count(*) FILTER (WHERE price_min IS NULL AND stored_price_min IS NOT NULL) AS new_days,
+           min(date) FILTER (WHERE price_min IS NOT NULL) AS first_date,
+           max(date) FILTER (WHERE price_min IS NOT NULL) AS last_date,
+           min(price_min) AS lowest
+    FROM upserted_price_trend_daily GROUP BY item_id, spec_id
+),
+price_lowest AS (  -- the newest loaded day at the loaded lowest price
+    SELECT p.item_id, p.spec_id, max(p.date) AS lowest_date
+    FROM upserted_price_trend_daily p JOIN prices l
+      ON p.item_id = l.item_id AND p.spec_id = l.spec_id AND p.price_min = l.lowest
+    GROUP BY p.item_id, p.spec_id
+),
+loaded AS (
+    SELECT item_id, spec_id FROM sales UNION SELECT item_id, spec_id FROM prices
+    EXCEPT SELECT item_id, spec_id FROM history_scope
+)
+SELECT loaded.item_id, loaded.spec_id,
+       coalesce(h.sales_days, 0) + coalesce(s.new_days, 0),
+       least(h.first_sales_date, s.first_date),
+       greatest(h.last_sales_date, s.last_date),
+       coalesce(h.price_days, 0) + coalesce(p.new_days, 0),
+       least(h.first_price_date, p.first_date),
+       greatest(h.last_price_date, p.last_date),
+       least(h.lowest_price_min, p.lowest),
+       CASE WHEN p.lowest IS NULL THEN h.lowest_price_date
+            WHEN h.lowest_price_min IS NULL OR p.lowest < h.lowest_price_min THEN pl.lowest_date
+            WHEN p.lowest = h.lowest_price_min THEN greatest(h.lowest_price_date, pl.lowest_date)
+            ELSE h.lowest_price_date END
+FROM loaded
+LEFT JOIN tmapi.item_history h USING (item_id, spec_id)
+LEFT JOIN sales s USING (item_id, spec_id)
+LEFT JOIN prices p USING (item_id, spec_id)
+LEFT JOIN price_lowest pl USING (item_id, spec_id)
+"""
+
+
+def _update_item_history(conn: duckdb.DuckDBPyConnection) -> None:
+    """Bring item_history up to date with the rows the last _upsert of each trend table wrote."""
+    for statement in _HISTORY_MERGE_SQL.split(";\n\n"):
+        conn.execute(statement)
+    if conn.execute("SELECT count(*) FROM history_scope").fetchall()[0][0]:
+        conn.execute(_HISTORY_REBUILD_SQL.format(scope="SEMI JOIN history_scope USING (item_id, spec_id)"))
+
+
+# The reference prices (kpis.sql) of the items in kpi_gap_items, from all their stored rows: price_min on the latest
+# day at least N days before the newest priced day; with no such day, the oldest price.
+_KPI_GAP_REFERENCES_SQL = """
+CREATE OR REPLACE TEMP TABLE kpi_gap_references AS
+SELECT p.item_id, p.spec_id,
+       coalesce(arg_max(p.price_min, p.date) FILTER (WHERE p.date <= g.last_price_date - 7),
+                arg_min(p.price_min, p.date))                                       AS reference_price_7d,
+       coalesce(arg_max(p.price_min, p.date) FILTER (WHERE p.date <= g.last_price_date - 30),
+                arg_min(p.price_min, p.date))                                       AS reference_price_30d
+FROM tmapi.price_trend_daily p JOIN kpi_gap_items g USING (item_id, spec_id)
+WHERE p.price_min IS NOT NULL AND {any_gap}  -- (false: DuckDB folds the query to no rows, scanning nothing)
+GROUP BY p.item_id, p.spec_id
+"""
+
+_HISTORY_MISSING_SQL = """
+SELECT NOT EXISTS (FROM tmapi.item_history)
+       AND (EXISTS (FROM tmapi.sales_trend_daily) OR EXISTS (FROM tmapi.price_trend_daily))"""
+
+
+def _rebuild_item_history(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute("DELETE FROM tmapi.item_history")
+    conn.execute(_HISTORY_REBUILD_SQL.format(scope=""))
 
 
 def _scope_table(conn: duckdb.DuckDBPyConnection, name: str, items: Iterable[WatchedItem]) -> None:
@@ -449,6 +577,9 @@ class Warehouse:
             conn.execute("SET TimeZone = 'UTC'")
             if not read_only and not self._schema_ready:
                 conn.execute(_sql("schema.sql"))
+                if conn.execute(_HISTORY_MISSING_SQL).fetchall()[0][0]:  # a file written before item_history existed
+                    with _transaction(conn):
+                        _rebuild_item_history(conn)
                 self._schema_ready = True
             yield conn
         finally:
@@ -648,6 +779,14 @@ class Warehouse:
             _upsert_responses(conn, "staged_stats", "staged_sales", "staged_prices")
         return {"items": len(stats), "sales_rows": len(sales), "price_rows": len(prices)}
 
+    def rebuild_item_history(self) -> int:
+        """Recount tmapi.item_history from every stored trend row (loads keep it up to date; `reparse` rebuilds it
+        anyway, and a file from before it existed gets it on first write). Returns its rows."""
+        with self.connect() as conn:
+            with _transaction(conn):
+                _rebuild_item_history(conn)
+            return conn.execute("SELECT count(*) FROM tmapi.item_history").fetchall()[0][0]
+
     def refresh_kpis(self, items: Sequence[WatchedItem] | None = None) -> int:
         """Recompute tmapi.item_kpis for the given items (all stored items when None)."""
         with self.connect() as conn:
@@ -655,8 +794,7 @@ class Warehouse:
                 conn.execute(
                     """CREATE OR REPLACE TEMP TABLE kpi_scope AS
                        SELECT item_id, spec_id FROM tmapi.item_statistics
-                       UNION SELECT DISTINCT item_id, spec_id FROM tmapi.sales_trend_daily
-                       UNION SELECT DISTINCT item_id, spec_id FROM tmapi.price_trend_daily"""
+                       UNION SELECT item_id, spec_id FROM tmapi.item_history"""
                 )
             else:
                 _scope_table(conn, "kpi_scope", items)
@@ -666,11 +804,19 @@ class Warehouse:
 
     @staticmethod
     def _refresh_kpis(conn: duckdb.DuckDBPyConnection, *, every_item: bool = False) -> int:
-        conn.execute(
+        conn.execute(  # (every item: no join; at 10,000 items the join was a fifth of a full recompute)
+            "DELETE FROM tmapi.item_kpis" if every_item else
             """DELETE FROM tmapi.item_kpis k USING kpi_scope s
                WHERE k.item_id = s.item_id AND k.spec_id = s.spec_id"""
         )
-        in_scope = "" if every_item else "SEMI JOIN scope USING (item_id, spec_id)"
+        in_scope = "" if every_item else "SEMI JOIN kpi_scope USING (item_id, spec_id)"
+        # Items with a day missing between their first and last priced day: their reference prices may lie before
+        # the 31 days kpis.sql reads, so they are looked up in all their rows (usually no item, then no scan).
+        conn.execute(f"""CREATE OR REPLACE TEMP TABLE kpi_gap_items AS
+                         SELECT item_id, spec_id, first_price_date, last_price_date FROM tmapi.item_history {in_scope}
+                         WHERE price_days < date_diff('day', first_price_date, last_price_date) + 1""")
+        any_gap = conn.execute("SELECT EXISTS (FROM kpi_gap_items)").fetchall()[0][0]
+        conn.execute(_KPI_GAP_REFERENCES_SQL.format(any_gap="true" if any_gap else "false"))
         conn.execute(f"INSERT INTO tmapi.item_kpis BY NAME {_sql('kpis.sql').replace('{in_scope}', in_scope)}")
         return conn.execute("SELECT count(*) FROM kpi_scope").fetchone()[0]
 

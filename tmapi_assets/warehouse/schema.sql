@@ -69,6 +69,23 @@ CREATE TABLE IF NOT EXISTS tmapi.price_trend_daily (
     PRIMARY KEY (item_id, spec_id, date)
 );
 
+-- Per (item, spec) facts over ALL stored daily history, kept up to date by every load in the same transaction as the
+-- trend rows it describes (warehouse._HISTORY_MERGE_SQL), so the KPIs read only the last 31 days of each trend and
+-- their cost does not grow with the history kept. Rebuilt from the trend tables by `tmapi-assets reparse`.
+CREATE TABLE IF NOT EXISTS tmapi.item_history (
+    item_id            BIGINT NOT NULL,
+    spec_id            VARCHAR NOT NULL,
+    sales_days         INTEGER NOT NULL,      -- rows in sales_trend_daily
+    first_sales_date   DATE,
+    last_sales_date    DATE,
+    price_days         INTEGER NOT NULL,      -- rows in price_trend_daily with a price_min
+    first_price_date   DATE,                  -- of those rows
+    last_price_date    DATE,
+    lowest_price_min   DECIMAL(18, 4),
+    lowest_price_date  DATE,                  -- most recent day at that lowest price
+    PRIMARY KEY (item_id, spec_id)
+);
+
 -- Derived per (item, spec); recomputed in SQL (see kpis.sql) after each load.
 CREATE TABLE IF NOT EXISTS tmapi.item_kpis (
     item_id                 BIGINT NOT NULL,
