@@ -15,6 +15,11 @@ them as usual):
    and a failed run is visible in the Runs page.
 2. A batch of asset events (the per-partition materializations of one output, which Dagster hands over as a batch
    when DAGSTER_EVENT_BATCH_SIZE > 0) is written in one transaction per sqlite file instead of one per event.
+3. Schema facts that only a migration can change are read once per process, not on every call: whether a secondary
+   index migration is complete (as Dagster's own ConsolidatedSqliteEventLogStorage caches it) and whether the asset
+   table has a column. Stock reads them ~12 times per run, each a sqlite connection under the storage's lock that
+   every run's event writes share (~40 of the ~100 connections after a refresh's last API call). Only "yes" is kept
+   (a column or an index never goes away; a "no" is asked again), and upgrade/wipe forget everything.
 
 It is selected in dagster.yaml (event_log_storage); Dagster is pinned to one version in pyproject.toml because this
 builds on its sqlite storage internals, and tests/test_event_log.py checks the rows against the stock class.
@@ -47,7 +52,48 @@ def default_base_dir() -> str:
 
 class BatchingSqliteEventLogStorage(SqliteEventLogStorage):
     def __init__(self, base_dir: str | None = None, inst_data=None):
+        self._completed_secondary_indexes: set[str] = set()  # set before super(): its __init__ may reindex
+        self._asset_key_columns: set[str] = set()
         super().__init__(base_dir or default_base_dir(), inst_data=inst_data)
+
+    def has_secondary_index(self, name: str) -> bool:
+        if name in self._completed_secondary_indexes:
+            return True
+        found = super().has_secondary_index(name)
+        if found:
+            self._completed_secondary_indexes.add(name)
+        return found
+
+    def enable_secondary_index(self, name: str) -> None:
+        super().enable_secondary_index(name)
+        self._completed_secondary_indexes.discard(name)  # read again, as written
+
+    def _has_asset_key_col_on_connection(self, conn, column_name: str) -> bool:
+        if column_name in self._asset_key_columns:
+            return True
+        found = super()._has_asset_key_col_on_connection(conn, column_name)
+        if found:
+            self._asset_key_columns.add(column_name)
+        return found
+
+    def has_asset_key_col(self, column_name: str) -> bool:
+        if column_name in self._asset_key_columns:  # without opening a connection
+            return True
+        return super().has_asset_key_col(column_name)
+
+    def _forget_schema(self) -> None:
+        self._completed_secondary_indexes.clear()
+        self._asset_key_columns.clear()
+
+    def upgrade(self) -> None:
+        self._forget_schema()
+        super().upgrade()
+        self._forget_schema()
+
+    def wipe(self) -> None:
+        self._forget_schema()
+        super().wipe()
+        self._forget_schema()
 
     @classmethod
     def config_type(cls):
