@@ -18,10 +18,16 @@ from pathlib import Path
 
 import click
 
-from tmapi_assets import config
-from tmapi_assets.errors import InvalidInputError, TmapiError
-from tmapi_assets.ids import WatchedItem
-from tmapi_assets.watchlist import add_items, read_watchlist, remove_items
+# httpx imports its own command line (`python -m httpx`: rich and pygments, ~60 ms of every start of this command)
+# whenever click and rich are installed, as they are here (dagster's dependencies). Nothing in this process runs it:
+# with the module marked missing, httpx falls back to a stub `httpx.main`, exactly as without those packages.
+if "httpx" not in sys.modules:
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
+
+from tmapi_assets import config  # noqa: E402 (after the line above: config imports httpx)
+from tmapi_assets.errors import InvalidInputError, TmapiError  # noqa: E402
+from tmapi_assets.ids import WatchedItem  # noqa: E402
+from tmapi_assets.watchlist import add_items, read_watchlist, remove_items  # noqa: E402
 
 DEMO_ITEMS = [
     "652702302959",  # the API doc's own example item: its response is served verbatim by the sandbox
