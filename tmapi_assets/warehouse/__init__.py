@@ -190,23 +190,22 @@ _PUBLISH_OK = r"""(publish_time_text IS NULL
         AND year(try_strptime(publish_time_text, '%Y-%m-%d %H:%M:%S')) BETWEEN 1992 AND 2199))"""
 _DISPLAY_TYPE_OK = """(coalesce({0}_total_type, 'NULL') IN ('NULL', 'VARCHAR')
     OR ({0}_total_type = 'UBIGINT' AND TRY_CAST({0}_total_json AS BIGINT) IS NOT NULL))"""
-_ROWS_OK = "coalesce(list_bool_and(list_transform({0}, lambda r: coalesce({1}, false))), true)"
-_DATES_UNIQUE = "len(list_distinct(list_transform({0}, lambda r: r.date))) = len({0})"
 _BODY_OK = " AND ".join([
     _PUBLISH_OK,
     _QUANTITY_OK.format("sales_30_text"),
     _DISPLAY_TYPE_OK.format("sales"),
     _DISPLAY_TYPE_OK.format("order"),
     "len(sales_trend) <= 30",  # so the 30-day check sums every row
-    "coalesce(list_sum(list_transform(sales_trend, lambda r: TRY_CAST(r.sales_quantity AS BIGINT))), 0)"
-    f" <= {MAX_INT}",
-    _DATES_UNIQUE.format("sales_trend"),
-    _DATES_UNIQUE.format("price_trend"),
-    _ROWS_OK.format("sales_trend", " AND ".join(
-        [_DATE_OK.format("r.date"), _QUANTITY_OK.format("r.sales_quantity"), _QUANTITY_OK.format("r.order_quantity")])),
-    _ROWS_OK.format("price_trend", " AND ".join(
-        [_DATE_OK.format("r.date"), _PRICE_OK.format("r.price_min"), _PRICE_OK.format("r.price_max")])),
 ])
+# The trend rows are checked one row at a time once unnested (norm_sales_checked, norm_price_checked: the typed
+# values to load sit next to their check), and per response: every row passes, no date is repeated, the daily sales
+# sum to at most MAX_INT. A response any of these fails goes to Python whole, as one the checks above fail does.
+_SALES_ROW_OK = " AND ".join(
+    [_DATE_OK.format("r.date"), _QUANTITY_OK.format("r.sales_quantity"), _QUANTITY_OK.format("r.order_quantity")])
+_PRICE_ROW_OK = " AND ".join(
+    [_DATE_OK.format("r.date"), _PRICE_OK.format("r.price_min"), _PRICE_OK.format("r.price_max")])
+# (count(DISTINCT) skips NULL dates, as list_distinct did: a NULL date fails its row's check anyway)
+_TREND_OK = "bool_and(row_ok) AND count(DISTINCT date_text) = count(*)"
 
 # The newest successful response per (item, spec), as row ids. Only the narrow key columns are scanned: the bodies
 # are then read for those rows alone (raw_responses keeps every answer ever paid for; carrying every body of an
@@ -279,23 +278,46 @@ _NORMALISE_ROWS_SQL = f"""
 UPDATE norm_responses SET kind = 'python'
 WHERE kind = 'data' AND ({_UNREADABLE_DISPLAY.format("sales")} OR {_UNREADABLE_DISPLAY.format("order")});
 
-CREATE OR REPLACE TEMP VIEW norm_sales_rows AS
-SELECT item_id, spec_id, CAST(r.date AS DATE) AS date, CAST(r.sales_quantity AS BIGINT) AS sales_quantity,
-       CAST(r.order_quantity AS BIGINT) AS order_quantity, fetched_at
+CREATE OR REPLACE TEMP TABLE norm_sales_checked AS
+SELECT item_id, spec_id, fetched_at, r.date AS date_text, TRY_CAST(r.date AS DATE) AS date,
+       TRY_CAST(r.sales_quantity AS BIGINT) AS sales_quantity, TRY_CAST(r.order_quantity AS BIGINT) AS order_quantity,
+       coalesce({_SALES_ROW_OK}, false) AS row_ok
 FROM (SELECT item_id, spec_id, fetched_at, unnest(sales_trend) AS r FROM norm_responses WHERE kind = 'data');
 
-CREATE OR REPLACE TEMP VIEW norm_price_rows AS
-SELECT item_id, spec_id, CAST(r.date AS DATE) AS date, CAST(r.price_min AS DECIMAL(18, 4)) AS price_min,
-       CAST(r.price_max AS DECIMAL(18, 4)) AS price_max, fetched_at
+CREATE OR REPLACE TEMP TABLE norm_price_checked AS
+SELECT item_id, spec_id, fetched_at, r.date AS date_text, TRY_CAST(r.date AS DATE) AS date,
+       TRY_CAST(r.price_min AS DECIMAL(18, 4)) AS price_min, TRY_CAST(r.price_max AS DECIMAL(18, 4)) AS price_max,
+       coalesce({_PRICE_ROW_OK}, false) AS row_ok
 FROM (SELECT item_id, spec_id, fetched_at, unnest(price_trend) AS r FROM norm_responses WHERE kind = 'data');
+
+CREATE OR REPLACE TEMP TABLE norm_sales_sums AS
+SELECT item_id, spec_id, {_TREND_OK} AND coalesce(sum(sales_quantity), 0) <= {MAX_INT} AS trend_ok,
+       coalesce(sum(sales_quantity), 0) AS sales_sum
+FROM norm_sales_checked GROUP BY item_id, spec_id;
+
+UPDATE norm_responses n SET kind = 'python'
+FROM (SELECT item_id, spec_id FROM norm_sales_sums WHERE NOT trend_ok
+      UNION ALL SELECT item_id, spec_id FROM norm_price_checked GROUP BY item_id, spec_id HAVING NOT ({_TREND_OK})) bad
+WHERE n.kind = 'data' AND n.item_id = bad.item_id AND n.spec_id = bad.spec_id;
+
+DELETE FROM norm_sales_checked s USING norm_responses n
+WHERE n.kind <> 'data' AND s.item_id = n.item_id AND s.spec_id = n.spec_id;
+
+DELETE FROM norm_price_checked s USING norm_responses n
+WHERE n.kind <> 'data' AND s.item_id = n.item_id AND s.spec_id = n.spec_id;
+
+CREATE OR REPLACE TEMP VIEW norm_sales_rows AS
+SELECT item_id, spec_id, date, sales_quantity, order_quantity, fetched_at FROM norm_sales_checked;
+
+CREATE OR REPLACE TEMP VIEW norm_price_rows AS
+SELECT item_id, spec_id, date, price_min, price_max, fetched_at FROM norm_price_checked;
 
 CREATE OR REPLACE TEMP TABLE norm_statistics AS
 WITH typed AS (
     SELECT n.*, CAST(n.sales_30_text AS BIGINT) AS sales_30,
            timezone('Asia/Shanghai', strptime(n.publish_time_text, '%Y-%m-%d %H:%M:%S')) AS publish_at,
-           coalesce(list_sum(list_transform(n.sales_trend, lambda r: coalesce(CAST(r.sales_quantity AS BIGINT), 0))), 0)
-               AS sales_sum
-    FROM norm_responses n WHERE n.kind IN ('data', 'no_data')
+           coalesce(s.sales_sum, 0) AS sales_sum
+    FROM norm_responses n LEFT JOIN norm_sales_sums s USING (item_id, spec_id) WHERE n.kind IN ('data', 'no_data')
 )
 SELECT
     n.item_id, n.spec_id,
