@@ -166,12 +166,16 @@ class StoredLoad:
     missing: list[WatchedItem] = field(default_factory=list)  # asked for, but no successful response stored
 
 
-# The plain, documented body shape, read in one pass by DuckDB's JSON reader. Leaves are read as text and checked
-# below exactly as strictly as the Python parser would; the two display totals stay JSON (their type matters).
+# The plain, documented body shape, read by DuckDB's JSON reader in two passes: the response's own fields (the trends
+# only as lists of NULLs: whether each is a list, and how long), then both trends, straight into typed rows. Leaves
+# are read as text and checked below exactly as strictly as the Python parser would; the two display totals stay
+# JSON (their type matters).
 _BODY_SHAPE = (
     '{"data": {"publish_time": "VARCHAR", "sales_quantity_30days": "VARCHAR", "sales_quantity_total": "JSON", '
-    '"order_quantity_total": "JSON", '
-    '"sales_trend": [{"date": "VARCHAR", "sales_quantity": "VARCHAR", "order_quantity": "VARCHAR"}], '
+    '"order_quantity_total": "JSON", "sales_trend": ["NULL"], "price_trend": ["NULL"]}}'
+)
+_TRENDS_SHAPE = (
+    '{"data": {"sales_trend": [{"date": "VARCHAR", "sales_quantity": "VARCHAR", "order_quantity": "VARCHAR"}], '
     '"price_trend": [{"date": "VARCHAR", "price_min": "VARCHAR", "price_max": "VARCHAR"}]}}'
 )
 
@@ -190,22 +194,21 @@ _PUBLISH_OK = r"""(publish_time_text IS NULL
         AND year(try_strptime(publish_time_text, '%Y-%m-%d %H:%M:%S')) BETWEEN 1992 AND 2199))"""
 _DISPLAY_TYPE_OK = """(coalesce({0}_total_type, 'NULL') IN ('NULL', 'VARCHAR')
     OR ({0}_total_type = 'UBIGINT' AND TRY_CAST({0}_total_json AS BIGINT) IS NOT NULL))"""
+# The response's own fields (per response, in the parse).
 _BODY_OK = " AND ".join([
     _PUBLISH_OK,
     _QUANTITY_OK.format("sales_30_text"),
     _DISPLAY_TYPE_OK.format("sales"),
     _DISPLAY_TYPE_OK.format("order"),
-    "len(sales_trend) <= 30",  # so the 30-day check sums every row
+    "sales_rows <= 30",  # so the 30-day check sums every row
 ])
-# The trend rows are checked one row at a time once unnested (norm_sales_checked, norm_price_checked: the typed
-# values to load sit next to their check), and per response: every row passes, no date is repeated, the daily sales
-# sum to at most MAX_INT. A response any of these fails goes to Python whole, as one the checks above fail does.
+# The trend rows, checked one row at a time once unnested (in norm_rows, next to the typed values they load), then
+# per response (norm_trend_checks): every row passes, no date is repeated, the daily sales sum to at most MAX_INT.
+# A response any of these fails goes to Python whole, as one _BODY_OK fails does.
 _SALES_ROW_OK = " AND ".join(
-    [_DATE_OK.format("r.date"), _QUANTITY_OK.format("r.sales_quantity"), _QUANTITY_OK.format("r.order_quantity")])
+    [_DATE_OK.format("s.date"), _QUANTITY_OK.format("s.sales_quantity"), _QUANTITY_OK.format("s.order_quantity")])
 _PRICE_ROW_OK = " AND ".join(
-    [_DATE_OK.format("r.date"), _PRICE_OK.format("r.price_min"), _PRICE_OK.format("r.price_max")])
-# (count(DISTINCT) skips NULL dates, as list_distinct did: a NULL date fails its row's check anyway)
-_TREND_OK = "bool_and(row_ok) AND count(DISTINCT date_text) = count(*)"
+    [_DATE_OK.format("p.date"), _PRICE_OK.format("p.price_min"), _PRICE_OK.format("p.price_max")])
 
 # The newest successful response per (item, spec), as row ids. Only the narrow key columns are scanned: the bodies
 # are then read for those rows alone (raw_responses keeps every answer ever paid for; carrying every body of an
@@ -214,17 +217,20 @@ _NEWEST_SUCCESS_ROWS = f"""
     SELECT arg_max(r.rowid, (r.fetched_at, r.response_id)) FROM tmapi.raw_responses r {{scope}}
     WHERE r.outcome IN {_SUCCESS_OUTCOMES} GROUP BY r.item_id, r.spec_id"""
 
-# Step 1: the newest successful response per item, parsed once and checked. kind: 'data', 'no_data' (data null or
-# absent) or 'python'. json_type() parses a body a second time, so it runs only where the reader left a container
-# NULL (data or a trend absent, null, or of the wrong type).
+# Step 1: the newest successful response per item, parsed and checked: norm_responses, one row per response (kind:
+# 'data', 'no_data' (data null or absent) or 'python'); then norm_rows, its trend rows typed and checked, of the
+# 'data' ones, sales and price side by side (DuckDB unnests lists of one SELECT together, the shorter padded with
+# NULLs). Storing the trends as nested lists of text, to unnest later, cost more than reading the bodies twice.
+# json_type() parses a body again, so it runs only where the reader left a container NULL (data or a trend absent,
+# null, or of the wrong type). A NULL list element gives no row: the rows then fall short of the list's length.
 _NORMALISE_PARSE_SQL = """
 CREATE OR REPLACE TEMP TABLE norm_responses AS
 WITH picked AS MATERIALIZED (  -- (materialized: parsing in the same pipeline as the row-id filter was 1.7x slower)
-    SELECT r.response_id, r.item_id, r.spec_id, r.fetched_at, r.body, r.body_bytes
+    SELECT r.rowid AS raw_rowid, r.response_id, r.item_id, r.spec_id, r.fetched_at, r.body, r.body_bytes
     FROM tmapi.raw_responses r WHERE r.rowid IN ({newest_rows})
 ),
 newest AS (
-    SELECT response_id, item_id, spec_id, fetched_at, body,
+    SELECT raw_rowid, response_id, item_id, spec_id, fetched_at, body,
            CASE WHEN body_bytes IS NULL THEN TRY(from_json(body, '{shape}')) END AS doc
     FROM picked
 ),
@@ -236,7 +242,7 @@ typed AS (
     FROM newest
 ),
 parsed AS (
-    SELECT response_id, item_id, spec_id, fetched_at,
+    SELECT raw_rowid, response_id, item_id, spec_id, fetched_at,
         CASE
             WHEN doc IS NULL THEN 'python'                   -- not JSON, or not UTF-8
             WHEN types IS NULL THEN 'data'
@@ -254,17 +260,33 @@ parsed AS (
         json_type(doc.data.order_quantity_total)                 AS order_total_type,
         CAST(doc.data.order_quantity_total AS VARCHAR)           AS order_total_json,
         doc.data.order_quantity_total ->> '$'                    AS order_total_text,
-        coalesce(doc.data.sales_trend, [])                       AS sales_trend,
-        coalesce(doc.data.price_trend, [])                       AS price_trend
+        coalesce(len(doc.data.sales_trend), 0)                   AS sales_rows,
+        coalesce(len(doc.data.price_trend), 0)                   AS price_rows
     FROM typed
 )
 SELECT * EXCLUDE (shape_kind),
        CASE WHEN shape_kind = 'data' AND NOT coalesce({body_ok}, false) THEN 'python' ELSE shape_kind END AS kind
-FROM parsed
+FROM parsed;
+
+CREATE OR REPLACE TEMP TABLE norm_rows AS
+SELECT item_id, spec_id, fetched_at,
+       s IS NOT NULL                                         AS is_sales,
+       TRY_CAST(s.date AS DATE)                              AS sales_date,
+       TRY_CAST(s.sales_quantity AS BIGINT)                  AS sales_quantity,
+       TRY_CAST(s.order_quantity AS BIGINT)                  AS order_quantity,
+       coalesce({sales_row_ok}, false)                       AS sales_row_ok,
+       p IS NOT NULL                                         AS is_price,
+       TRY_CAST(p.date AS DATE)                              AS price_date,
+       TRY_CAST(p.price_min AS DECIMAL(18, 4))               AS price_min,
+       TRY_CAST(p.price_max AS DECIMAL(18, 4))               AS price_max,
+       coalesce({price_row_ok}, false)                       AS price_row_ok
+FROM (SELECT item_id, spec_id, fetched_at, unnest(d.sales_trend) AS s, unnest(d.price_trend) AS p
+      FROM (SELECT item_id, spec_id, fetched_at, TRY(from_json(body, '{trends_shape}')).data AS d
+            FROM tmapi.raw_responses WHERE rowid IN (SELECT raw_rowid FROM norm_responses WHERE kind = 'data')))
 """
 
 # Step 2, once norm_display(text, readable, lower_bound, is_lower_bound) holds the Python reading of every display
-# text: text it refuses sends its body to Python; then the typed rows to upsert.
+# text: text it refuses sends its body to Python; the trends are checked per response; then the typed rows to upsert.
 _DISPLAY_COLUMNS = """
     CASE {0}_total_type WHEN 'UBIGINT' THEN {0}_total_json WHEN 'VARCHAR' THEN {0}_total_text END
                                                                           AS {0}_quantity_total_raw,
@@ -274,50 +296,57 @@ _DISPLAY_COLUMNS = """
     END                                                                   AS {0}_quantity_total_is_lower_bound"""
 _UNREADABLE_DISPLAY = """({0}_total_type = 'VARCHAR' AND NOT EXISTS (
     SELECT 1 FROM norm_display d WHERE d.text = {0}_total_text AND d.readable))"""
+# No date repeated in a trend: proved cheaply when date - rowid is the same on every row of it (rowids differ, so the
+# dates do: the usual case, consecutive days stored in order); counted otherwise. (count(DISTINCT) skips NULL dates,
+# as list_distinct did on the texts; a NULL date, or a text that is not its own date's, fails its row's check.)
+_TREND_CHECKS = """
+    count(*) FILTER (is_{0})                                                AS {0}_n,
+    coalesce(bool_and({0}_row_ok) FILTER (is_{0}), true)                    AS {0}_rows_ok,
+    coalesce(min(({0}_date - DATE '2000-01-01') - rowid) FILTER (is_{0})
+             = max(({0}_date - DATE '2000-01-01') - rowid) FILTER (is_{0}), count(*) FILTER (is_{0}) = 0)
+                                                                            AS {0}_dates_unique"""
+_DATES_UNIQUE = """UPDATE norm_trend_checks t SET {0}_dates_unique = d.dates_unique
+FROM (SELECT item_id, spec_id, count(DISTINCT {0}_date) = count(*) AS dates_unique
+      FROM norm_rows SEMI JOIN (SELECT item_id, spec_id FROM norm_trend_checks WHERE NOT {0}_dates_unique)
+           USING (item_id, spec_id)
+      WHERE is_{0} GROUP BY item_id, spec_id) d
+WHERE t.item_id = d.item_id AND t.spec_id = d.spec_id"""
 _NORMALISE_ROWS_SQL = f"""
 UPDATE norm_responses SET kind = 'python'
 WHERE kind = 'data' AND ({_UNREADABLE_DISPLAY.format("sales")} OR {_UNREADABLE_DISPLAY.format("order")});
 
-CREATE OR REPLACE TEMP TABLE norm_sales_checked AS
-SELECT item_id, spec_id, fetched_at, r.date AS date_text, TRY_CAST(r.date AS DATE) AS date,
-       TRY_CAST(r.sales_quantity AS BIGINT) AS sales_quantity, TRY_CAST(r.order_quantity AS BIGINT) AS order_quantity,
-       coalesce({_SALES_ROW_OK}, false) AS row_ok
-FROM (SELECT item_id, spec_id, fetched_at, unnest(sales_trend) AS r FROM norm_responses WHERE kind = 'data');
+CREATE OR REPLACE TEMP TABLE norm_trend_checks AS
+SELECT item_id, spec_id, {_TREND_CHECKS.format("sales")}, {_TREND_CHECKS.format("price")},
+       coalesce(sum(sales_quantity) FILTER (is_sales), 0)                  AS sales_sum
+FROM norm_rows GROUP BY item_id, spec_id;
 
-CREATE OR REPLACE TEMP TABLE norm_price_checked AS
-SELECT item_id, spec_id, fetched_at, r.date AS date_text, TRY_CAST(r.date AS DATE) AS date,
-       TRY_CAST(r.price_min AS DECIMAL(18, 4)) AS price_min, TRY_CAST(r.price_max AS DECIMAL(18, 4)) AS price_max,
-       coalesce({_PRICE_ROW_OK}, false) AS row_ok
-FROM (SELECT item_id, spec_id, fetched_at, unnest(price_trend) AS r FROM norm_responses WHERE kind = 'data');
+{_DATES_UNIQUE.format("sales")};
 
-CREATE OR REPLACE TEMP TABLE norm_sales_sums AS
-SELECT item_id, spec_id, {_TREND_OK} AND coalesce(sum(sales_quantity), 0) <= {MAX_INT} AS trend_ok,
-       coalesce(sum(sales_quantity), 0) AS sales_sum
-FROM norm_sales_checked GROUP BY item_id, spec_id;
+{_DATES_UNIQUE.format("price")};
 
 UPDATE norm_responses n SET kind = 'python'
-FROM (SELECT item_id, spec_id FROM norm_sales_sums WHERE NOT trend_ok
-      UNION ALL SELECT item_id, spec_id FROM norm_price_checked GROUP BY item_id, spec_id HAVING NOT ({_TREND_OK})) bad
-WHERE n.kind = 'data' AND n.item_id = bad.item_id AND n.spec_id = bad.spec_id;
+FROM (SELECT n.raw_rowid FROM norm_responses n LEFT JOIN norm_trend_checks t USING (item_id, spec_id)
+      WHERE n.kind = 'data' AND NOT (
+          coalesce(t.sales_n, 0) = n.sales_rows AND coalesce(t.price_n, 0) = n.price_rows  -- (see norm_rows)
+          AND coalesce(t.sales_rows_ok AND t.sales_dates_unique AND t.sales_sum <= {MAX_INT}
+                       AND t.price_rows_ok AND t.price_dates_unique, true))) bad
+WHERE n.raw_rowid = bad.raw_rowid;
 
-DELETE FROM norm_sales_checked s USING norm_responses n
-WHERE n.kind <> 'data' AND s.item_id = n.item_id AND s.spec_id = n.spec_id;
-
-DELETE FROM norm_price_checked s USING norm_responses n
-WHERE n.kind <> 'data' AND s.item_id = n.item_id AND s.spec_id = n.spec_id;
+DELETE FROM norm_rows r USING norm_responses n
+WHERE n.kind <> 'data' AND r.item_id = n.item_id AND r.spec_id = n.spec_id;
 
 CREATE OR REPLACE TEMP VIEW norm_sales_rows AS
-SELECT item_id, spec_id, date, sales_quantity, order_quantity, fetched_at FROM norm_sales_checked;
+SELECT item_id, spec_id, sales_date AS date, sales_quantity, order_quantity, fetched_at FROM norm_rows WHERE is_sales;
 
 CREATE OR REPLACE TEMP VIEW norm_price_rows AS
-SELECT item_id, spec_id, date, price_min, price_max, fetched_at FROM norm_price_checked;
+SELECT item_id, spec_id, price_date AS date, price_min, price_max, fetched_at FROM norm_rows WHERE is_price;
 
 CREATE OR REPLACE TEMP TABLE norm_statistics AS
 WITH typed AS (
     SELECT n.*, CAST(n.sales_30_text AS BIGINT) AS sales_30,
            timezone('Asia/Shanghai', strptime(n.publish_time_text, '%Y-%m-%d %H:%M:%S')) AS publish_at,
-           coalesce(s.sales_sum, 0) AS sales_sum
-    FROM norm_responses n LEFT JOIN norm_sales_sums s USING (item_id, spec_id) WHERE n.kind IN ('data', 'no_data')
+           coalesce(t.sales_sum, 0) AS sales_sum
+    FROM norm_responses n LEFT JOIN norm_trend_checks t USING (item_id, spec_id) WHERE n.kind IN ('data', 'no_data')
 )
 SELECT
     n.item_id, n.spec_id,
@@ -326,8 +355,8 @@ SELECT
     n.sales_30                                                                AS sales_quantity_30days,
     {_DISPLAY_COLUMNS.format("sales")},
     {_DISPLAY_COLUMNS.format("order")},
-    len(n.sales_trend)                                                        AS sales_rows,
-    len(n.price_trend)                                                        AS price_rows,
+    n.sales_rows                                                              AS sales_rows,
+    n.price_rows                                                              AS price_rows,
     0                                                                         AS duplicate_dates,
     CASE WHEN n.kind = 'data' THEN n.sales_sum END                            AS sum30_observed,
     CASE WHEN n.kind = 'data' THEN n.sales_sum = n.sales_30 END               AS sum30_ok,
@@ -757,8 +786,10 @@ class Warehouse:
             if items is not None:
                 _scope_table(conn, "norm_scope", items)
                 scope = "SEMI JOIN norm_scope USING (item_id, spec_id)"
-            conn.execute(_NORMALISE_PARSE_SQL.format(
-                newest_rows=_NEWEST_SUCCESS_ROWS.format(scope=scope), shape=_BODY_SHAPE, body_ok=_BODY_OK))
+            for statement in _NORMALISE_PARSE_SQL.format(
+                    newest_rows=_NEWEST_SUCCESS_ROWS.format(scope=scope), shape=_BODY_SHAPE, body_ok=_BODY_OK,
+                    trends_shape=_TRENDS_SHAPE, sales_row_ok=_SALES_ROW_OK, price_row_ok=_PRICE_ROW_OK).split(';\n\n'):
+                conn.execute(statement)
             texts = conn.execute(
                 """SELECT sales_total_text FROM norm_responses WHERE sales_total_type = 'VARCHAR'
                    UNION SELECT order_total_text FROM norm_responses WHERE order_total_type = 'VARCHAR'"""
