@@ -207,8 +207,11 @@ _BODY_OK = " AND ".join([
 # A response any of these fails goes to Python whole, as one _BODY_OK fails does.
 _SALES_ROW_OK = " AND ".join(
     [_DATE_OK.format("s.date"), _QUANTITY_OK.format("s.sales_quantity"), _QUANTITY_OK.format("s.order_quantity")])
-_PRICE_ROW_OK = " AND ".join(
-    [_DATE_OK.format("p.date"), _PRICE_OK.format("p.price_min"), _PRICE_OK.format("p.price_max")])
+# (a price_max equal to its price_min passes exactly when that one does: its regular expression is skipped, CASE
+# evaluating a branch only on the rows that take it)
+_PRICE_ROW_OK = " AND ".join([
+    _DATE_OK.format("p.date"), _PRICE_OK.format("p.price_min"),
+    f"CASE WHEN p.price_max = p.price_min THEN true ELSE {_PRICE_OK.format('p.price_max')} END"])
 
 # The newest successful response per (item, spec), as row ids. Only the narrow key columns are scanned: the bodies
 # are then read for those rows alone (raw_responses keeps every answer ever paid for; carrying every body of an
