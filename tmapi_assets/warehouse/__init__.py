@@ -206,11 +206,12 @@ _BODY_OK = " AND ".join([
 # per response (norm_trend_checks): every row passes, no date is repeated, the daily sales sum to at most MAX_INT.
 # A response any of these fails goes to Python whole, as one _BODY_OK fails does.
 _SALES_ROW_OK = " AND ".join(
-    [_DATE_OK.format("s.date"), _QUANTITY_OK.format("s.sales_quantity"), _QUANTITY_OK.format("s.order_quantity")])
+    ["sales_date_ok", _QUANTITY_OK.format("s.sales_quantity"), _QUANTITY_OK.format("s.order_quantity")])
 # (a price_max equal to its price_min passes exactly when that one does: its regular expression is skipped, CASE
 # evaluating a branch only on the rows that take it)
+# A price row's date is mostly its sales row's (same_date): then it is checked and cast once.
 _PRICE_ROW_OK = " AND ".join([
-    _DATE_OK.format("p.date"), _PRICE_OK.format("p.price_min"),
+    f"CASE WHEN same_date THEN sales_date_ok ELSE {_DATE_OK.format('p.date')} END", _PRICE_OK.format("p.price_min"),
     f"CASE WHEN p.price_max = p.price_min THEN true ELSE {_PRICE_OK.format('p.price_max')} END"])
 
 # The newest successful response per (item, spec), as row ids. Only the narrow key columns are scanned: the bodies
@@ -274,18 +275,20 @@ FROM parsed;
 CREATE OR REPLACE TEMP TABLE norm_rows AS
 SELECT item_id, spec_id, fetched_at,
        s IS NOT NULL                                         AS is_sales,
-       TRY_CAST(s.date AS DATE)                              AS sales_date,
+       sales_date,
        TRY_CAST(s.sales_quantity AS BIGINT)                  AS sales_quantity,
        TRY_CAST(s.order_quantity AS BIGINT)                  AS order_quantity,
        coalesce({sales_row_ok}, false)                       AS sales_row_ok,
        p IS NOT NULL                                         AS is_price,
-       TRY_CAST(p.date AS DATE)                              AS price_date,
+       CASE WHEN same_date THEN sales_date ELSE TRY_CAST(p.date AS DATE) END AS price_date,
        TRY_CAST(p.price_min AS DECIMAL(18, 4))               AS price_min,
        TRY_CAST(p.price_max AS DECIMAL(18, 4))               AS price_max,
        coalesce({price_row_ok}, false)                       AS price_row_ok
-FROM (SELECT item_id, spec_id, fetched_at, unnest(d.sales_trend) AS s, unnest(d.price_trend) AS p
-      FROM (SELECT item_id, spec_id, fetched_at, TRY(from_json(body, '{trends_shape}')).data AS d
-            FROM tmapi.raw_responses WHERE rowid IN (SELECT raw_rowid FROM norm_responses WHERE kind = 'data')))
+FROM (SELECT *, TRY_CAST(s.date AS DATE) AS sales_date, {sales_date_ok} AS sales_date_ok, p.date = s.date AS same_date
+      FROM (SELECT item_id, spec_id, fetched_at, unnest(d.sales_trend) AS s, unnest(d.price_trend) AS p
+            FROM (SELECT item_id, spec_id, fetched_at, TRY(from_json(body, '{trends_shape}')).data AS d
+                  FROM tmapi.raw_responses
+                  WHERE rowid IN (SELECT raw_rowid FROM norm_responses WHERE kind = 'data'))))
 """
 
 # Step 2, once norm_display(text, readable, lower_bound, is_lower_bound) holds the Python reading of every display
@@ -791,7 +794,8 @@ class Warehouse:
                 scope = "SEMI JOIN norm_scope USING (item_id, spec_id)"
             for statement in _NORMALISE_PARSE_SQL.format(
                     newest_rows=_NEWEST_SUCCESS_ROWS.format(scope=scope), shape=_BODY_SHAPE, body_ok=_BODY_OK,
-                    trends_shape=_TRENDS_SHAPE, sales_row_ok=_SALES_ROW_OK, price_row_ok=_PRICE_ROW_OK).split(';\n\n'):
+                    trends_shape=_TRENDS_SHAPE, sales_date_ok=_DATE_OK.format("s.date"), sales_row_ok=_SALES_ROW_OK,
+                    price_row_ok=_PRICE_ROW_OK).split(';\n\n'):
                 conn.execute(statement)
             texts = conn.execute(
                 """SELECT sales_total_text FROM norm_responses WHERE sales_total_type = 'VARCHAR'
