@@ -874,11 +874,6 @@ class Warehouse:
 
     @staticmethod
     def _refresh_kpis(conn: duckdb.DuckDBPyConnection, *, every_item: bool = False) -> int:
-        conn.execute(  # (every item: no join; at 10,000 items the join was a fifth of a full recompute)
-            "DELETE FROM tmapi.item_kpis" if every_item else
-            """DELETE FROM tmapi.item_kpis k USING kpi_scope s
-               WHERE k.item_id = s.item_id AND k.spec_id = s.spec_id"""
-        )
         in_scope = "" if every_item else "SEMI JOIN kpi_scope USING (item_id, spec_id)"
         # Items with a day missing between their first and last priced day: their reference prices may lie before
         # the 31 days kpis.sql reads, so they are looked up in all their rows (usually no item, then no scan).
@@ -887,8 +882,18 @@ class Warehouse:
                          WHERE price_days < date_diff('day', first_price_date, last_price_date) + 1""")
         any_gap = conn.execute("SELECT EXISTS (FROM kpi_gap_items)").fetchall()[0][0]
         conn.execute(_KPI_GAP_REFERENCES_SQL.format(any_gap="true" if any_gap else "false"))
-        conn.execute(f"INSERT INTO tmapi.item_kpis BY NAME {_sql('kpis.sql').replace('{in_scope}', in_scope)}")
-        return conn.execute("SELECT count(*) FROM kpi_scope").fetchone()[0]
+        # kpis.sql gives every item in scope a row. Rows already stored are updated in place, the others inserted:
+        # DELETE + INSERT of the same keys churned the key index (a full recompute 0.05 -> 0.075 s at 10,000 items).
+        conn.execute(f"CREATE OR REPLACE TEMP TABLE kpi_rows AS {_sql('kpis.sql').replace('{in_scope}', in_scope)}")
+        columns = [c for (c,) in conn.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() AND schema_name = ? "
+            "AND table_name = 'item_kpis' ORDER BY column_index", [SCHEMA]).fetchall()]
+        sets = ", ".join(f"{c} = r.{c}" for c in columns if c not in ("item_id", "spec_id"))
+        conn.execute(f"UPDATE tmapi.item_kpis k SET {sets} FROM kpi_rows r "
+                     "WHERE k.item_id = r.item_id AND k.spec_id = r.spec_id")
+        conn.execute("INSERT INTO tmapi.item_kpis BY NAME "
+                     "SELECT * FROM kpi_rows ANTI JOIN tmapi.item_kpis USING (item_id, spec_id)")
+        return conn.execute("SELECT count(*) FROM kpi_scope").fetchall()[0][0]
 
     # ------------------------------------------------------------------ the read-only copy for BI tools and dbt
     def publish_read_copy(self, target: str | os.PathLike[str]) -> Path:
