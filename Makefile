@@ -23,9 +23,10 @@ test: setup
 dev: setup
 	$(RUN) tmapi-assets dev
 
+## Every benchmark of issue 3 (~10 min; not part of `make test`): refresh scenarios, the RSS scan, the warehouse.
 bench: setup
 	$(UV) sync --frozen --compile-bytecode --extra bench
-	$(RUN) python -m bench.run
+	$(RUN) python -m bench.run --rss-scan
 
 ## Forget everything fetched (warehouse, read copy, spool, halt, Dagster's run history); the watchlist stays.
 clean-data:
