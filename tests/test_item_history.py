@@ -57,19 +57,21 @@ def warehouse(tmp_path) -> Warehouse:
 
 def test_history_kept_by_loads_equals_the_definitions_after_every_load(warehouse):
     """Random loads of overlapping 30-day windows: days revised up and down, prices removed and restored, the
-    lowest price's day raised, windows after a gap of weeks, older responses arriving late (they lose). After each
-    load, item_history equals its definition over all rows, and at the end the KPIs equal theirs."""
+    lowest price's day raised, windows after a gap of weeks, older responses arriving late (they lose), an item with
+    prices only. After each load, item_history equals its definition over all rows, and at the end the KPIs of the
+    items with sales equal theirs."""
     rng = random.Random(20261204)
     items = [WatchedItem(1688000000100 + n, "" if n % 3 else "f0e1d2c3b4a5968778695a4b3c2d1e0f") for n in range(5)]
+    items.append(WatchedItem(1688000000199))  # prices only: never a sales row
     today = {item: date(2025, 1, 1) for item in items}
     clock = datetime(2025, 1, 1, tzinfo=timezone.utc)
-    for n in range(80):
+    for n in range(100):
         item = rng.choice(items)
         today[item] += timedelta(days=rng.choice([0, 1, 1, 2, 5, 45]))  # 45: a gap longer than the window
         clock += timedelta(hours=1)
         fetched_at = clock - timedelta(days=3) if rng.random() < 0.1 else clock  # late: older than what is stored
         days = [today[item] - timedelta(days=d) for d in range(rng.choice([1, 7, 30])) if rng.random() < 0.9]
-        sales = [(d, rng.choice([0, 1, 5, 40]), rng.randint(0, 4)) for d in days]
+        sales = [(d, rng.choice([0, 1, 5, 40]), rng.randint(0, 4)) for d in days if item != items[-1]]
         prices = [(d, None if rng.random() < 0.15 else Decimal(rng.choice(["8.00", "9.90", "12.50"])),
                    Decimal("20.00")) for d in days if rng.random() < 0.95]
         warehouse.load_observations([observation(item, n, fetched_at, sales, prices)])
@@ -77,7 +79,7 @@ def test_history_kept_by_loads_equals_the_definitions_after_every_load(warehouse
 
     assert warehouse.refresh_kpis() == len(items)
     kpis = {(r["item_id"], r["spec_id"]): r for r in warehouse.records("SELECT * FROM tmapi.item_kpis")}
-    for item in items:
+    for item in items[:-1]:  # (_kpis_by_hand needs sales rows)
         key = (item.item_id, item.spec_id)
         sales = [tuple(r.values()) for r in warehouse.records(
             "SELECT date, sales_quantity, order_quantity FROM tmapi.sales_trend_daily WHERE item_id = ? AND spec_id = ?",
@@ -109,6 +111,19 @@ def test_raising_the_lowest_price_day_recounts_the_lowest_from_all_rows(warehous
     [history] = warehouse.records(KEPT)
     assert (history["last_price_date"], history["price_days"]) == (day - timedelta(days=20), 2)
     assert warehouse.records(KEPT) == warehouse.records(HISTORY_BY_DEFINITION)
+
+
+def test_an_item_whose_only_priced_day_loses_its_price_leaves_item_history(warehouse):
+    """Prices only, no sales rows: once its one priced day is unpriced, nothing is left to describe (and the KPIs
+    have no lowest price and no last observed day for it)."""
+    item, day, at = WatchedItem(1688000000250), date(2025, 7, 1), datetime(2025, 7, 1, tzinfo=timezone.utc)
+    warehouse.load_observations([observation(item, 1, at, [], [(day, Decimal("5.00"), Decimal("9.00"))])])
+    assert [r["price_days"] for r in warehouse.records(KEPT)] == [1]
+    warehouse.load_observations([observation(item, 2, at + timedelta(hours=1), [], [(day, None, Decimal("9.00"))])])
+    assert warehouse.records(KEPT) == warehouse.records(HISTORY_BY_DEFINITION) == []
+    warehouse.refresh_kpis([item])
+    [kpi] = warehouse.records("SELECT * FROM tmapi.item_kpis")
+    assert (kpi["lowest_price_min"], kpi["last_observed_date"], kpi["history_days"]) == (None, None, 0)
 
 
 def test_a_warehouse_from_before_item_history_gets_it_on_first_write(warehouse, tmp_path):

@@ -527,8 +527,11 @@ def _update_item_history(conn: duckdb.DuckDBPyConnection) -> None:
         conn.execute(statement)
     _replace_history_rows(conn)
     if conn.execute("SELECT count(*) FROM history_scope").fetchall()[0][0]:
+        # (deleted first: an item left with no sales row and no priced day has no row any more)
+        conn.execute("DELETE FROM tmapi.item_history h USING history_scope r "
+                     "WHERE h.item_id = r.item_id AND h.spec_id = r.spec_id")
         conn.execute(_HISTORY_REBUILD_SQL.format(scope="SEMI JOIN history_scope USING (item_id, spec_id)"))
-        _replace_history_rows(conn)
+        conn.execute("INSERT INTO tmapi.item_history SELECT * FROM history_rows")
 
 
 def _replace_history_rows(conn: duckdb.DuckDBPyConnection) -> None:
