@@ -126,6 +126,14 @@ def test_an_item_whose_only_priced_day_loses_its_price_leaves_item_history(wareh
     assert (kpi["lowest_price_min"], kpi["last_observed_date"], kpi["history_days"]) == (None, None, 0)
 
 
+def test_a_new_item_with_unpriced_days_alone_gets_no_row_as_a_recount_gives_none(warehouse):
+    item, at = WatchedItem(1688000000260), datetime(2025, 7, 1, tzinfo=timezone.utc)
+    warehouse.load_observations([observation(item, 1, at, [], [(date(2025, 7, 1), None, Decimal("9.00"))])])
+    assert warehouse.records(KEPT) == warehouse.records(HISTORY_BY_DEFINITION) == []
+    warehouse.rebuild_item_history()
+    assert warehouse.records(KEPT) == []
+
+
 def test_a_warehouse_from_before_item_history_gets_it_on_first_write(warehouse, tmp_path):
     item = WatchedItem(1688000000300)
     at = datetime(2025, 7, 1, tzinfo=timezone.utc)

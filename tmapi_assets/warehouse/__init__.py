@@ -518,6 +518,8 @@ LEFT JOIN tmapi.item_history h USING (item_id, spec_id)
 LEFT JOIN sales s USING (item_id, spec_id)
 LEFT JOIN prices p USING (item_id, spec_id)
 LEFT JOIN price_lowest pl USING (item_id, spec_id)
+-- (a new item whose rows are unpriced days alone has nothing to describe yet: no row, as a recount gives)
+WHERE coalesce(h.sales_days, 0) + coalesce(s.new_days, 0) > 0 OR coalesce(h.price_days, 0) + coalesce(p.new_days, 0) > 0
 """
 
 
