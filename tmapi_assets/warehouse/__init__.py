@@ -407,13 +407,18 @@ def _upsert_responses(conn: duckdb.DuckDBPyConnection, statistics: str, sales: s
         _update_item_history(conn)
 
 
+def _table_columns(conn: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    """The columns of tmapi.`table` in the attached warehouse, in order."""
+    return [c for (c,) in conn.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() AND schema_name = ? "
+        "AND table_name = ? ORDER BY column_index", [SCHEMA, table]).fetchall()]
+
+
 def _upsert(conn: duckdb.DuckDBPyConnection, table: str, source: str) -> None:
     """Upsert `source` (a relation with the table's columns; item_statistics: all but updated_at) into `table`;
     the rows written stay in temp table upserted_<table>, with is_new and the stored values of _STORED_COLUMNS."""
     keys = _UPSERT_KEYS[table]
-    columns = [c for (c,) in conn.execute(
-        "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() AND schema_name = ? "
-        "AND table_name = ? ORDER BY column_index", [SCHEMA, table]).fetchall()]
+    columns = _table_columns(conn, table)
     casts = {"publish_time": "CAST(s.publish_time AS TIMESTAMPTZ)", "updated_at": "now()",
              "price_min": "CAST(s.price_min AS DECIMAL(18, 4))", "price_max": "CAST(s.price_max AS DECIMAL(18, 4))"}
     values = ", ".join(f"{casts.get(c, f's.{c}')} AS {c}" for c in columns)
@@ -527,18 +532,18 @@ def _update_item_history(conn: duckdb.DuckDBPyConnection) -> None:
     """Bring item_history up to date with the rows the last _upsert of each trend table wrote."""
     for statement in _HISTORY_MERGE_SQL.split(";\n\n"):
         conn.execute(statement)
-    _replace_history_rows(conn)
+    _store_history_rows(conn, replacing="history_rows")
     if conn.execute("SELECT count(*) FROM history_scope").fetchall()[0][0]:
-        # (deleted first: an item left with no sales row and no priced day has no row any more)
-        conn.execute("DELETE FROM tmapi.item_history h USING history_scope r "
-                     "WHERE h.item_id = r.item_id AND h.spec_id = r.spec_id")
         conn.execute(_HISTORY_REBUILD_SQL.format(scope="SEMI JOIN history_scope USING (item_id, spec_id)"))
-        conn.execute("INSERT INTO tmapi.item_history SELECT * FROM history_rows")
+        # (every item of the scope: one left with no sales row and no priced day has no row any more)
+        _store_history_rows(conn, replacing="history_scope")
 
 
-def _replace_history_rows(conn: duckdb.DuckDBPyConnection) -> None:
-    # (DELETE + INSERT: INSERT OR REPLACE probes the key index row by row, 3x slower for 10,000 items)
-    conn.execute("DELETE FROM tmapi.item_history h USING history_rows r "
+def _store_history_rows(conn: duckdb.DuckDBPyConnection, replacing: str | None) -> None:
+    """history_rows into item_history, after deleting the rows of the items in temp table `replacing` (all rows when
+    None). (DELETE + INSERT: INSERT OR REPLACE probes the key index row by row, 3x slower for 10,000 items.)"""
+    conn.execute("DELETE FROM tmapi.item_history" if replacing is None else
+                 f"DELETE FROM tmapi.item_history h USING {replacing} r "
                  "WHERE h.item_id = r.item_id AND h.spec_id = r.spec_id")
     conn.execute("INSERT INTO tmapi.item_history SELECT * FROM history_rows")
 
@@ -563,9 +568,8 @@ SELECT NOT EXISTS (FROM tmapi.item_history)
 
 
 def _rebuild_item_history(conn: duckdb.DuckDBPyConnection) -> None:
-    conn.execute("DELETE FROM tmapi.item_history")
     conn.execute(_HISTORY_REBUILD_SQL.format(scope=""))
-    conn.execute("INSERT INTO tmapi.item_history SELECT * FROM history_rows")
+    _store_history_rows(conn, replacing=None)
 
 
 def _scope_table(conn: duckdb.DuckDBPyConnection, name: str, items: Iterable[WatchedItem]) -> None:
@@ -890,10 +894,7 @@ class Warehouse:
         # kpis.sql gives every item in scope a row. Rows already stored are updated in place, the others inserted:
         # DELETE + INSERT of the same keys churned the key index (a full recompute 0.05 -> 0.075 s at 10,000 items).
         conn.execute(f"CREATE OR REPLACE TEMP TABLE kpi_rows AS {_sql('kpis.sql').replace('{in_scope}', in_scope)}")
-        columns = [c for (c,) in conn.execute(
-            "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() AND schema_name = ? "
-            "AND table_name = 'item_kpis' ORDER BY column_index", [SCHEMA]).fetchall()]
-        sets = ", ".join(f"{c} = r.{c}" for c in columns if c not in ("item_id", "spec_id"))
+        sets = ", ".join(f"{c} = r.{c}" for c in _table_columns(conn, "item_kpis") if c not in ("item_id", "spec_id"))
         conn.execute(f"UPDATE tmapi.item_kpis k SET {sets} FROM kpi_rows r "
                      "WHERE k.item_id = r.item_id AND k.spec_id = r.spec_id")
         conn.execute("INSERT INTO tmapi.item_kpis BY NAME "
